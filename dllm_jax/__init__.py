@@ -1,0 +1,4 @@
+"""dllm-jax: diffusion-LLM inference (LLaDA, Dream) in JAX with composable block schedulers."""
+
+from dllm_jax.model import Model, load  # noqa: F401
+from dllm_jax.models.config import ModelConfig  # noqa: F401

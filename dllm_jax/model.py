@@ -1,0 +1,95 @@
+"""`Model` (config + params pytree) and `load` for HF and converted checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax.models.config import ConfigError, ModelConfig, config_from_hf, read_hf_config
+from dllm_jax.models import transformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+CONVERTED_CONFIG = "dllm_jax_config.json"
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type if dtype is not None else jnp.float32
+
+
+@dataclasses.dataclass
+class Model:
+    """A model: static config plus a params pytree (pass `model.params` to jitted functions)."""
+
+    cfg: ModelConfig
+    params: dict
+    path: str | None = None
+    tokenizer_path: str | None = None
+
+    @property
+    def mask_id(self) -> int:
+        return self.cfg.mask_token_id
+
+    def logits(self, input_ids, attention_mask=None, positions=None):
+        """Raw logits [B, T, V] (float32) of a full forward. Dream logits are returned before the shift."""
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(ids.shape)}")
+        if int(jnp.max(ids)) >= self.cfg.vocab_size or int(jnp.min(ids)) < 0:
+            raise ValueError(f"input_ids must lie in [0, {self.cfg.vocab_size})")
+        key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool).reshape(ids.shape)
+        if positions is not None:
+            positions = jnp.asarray(positions, jnp.int32).reshape(ids.shape)
+        out, _ = transformer.forward(self.params, self.cfg, ids, positions, key_valid)
+        return out
+
+    def with_attention(self, impl: str) -> "Model":
+        return dataclasses.replace(self, cfg=self.cfg.replace(attention_impl=impl))
+
+
+def _cast_tree(params, dtype):
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+
+
+def load(path: str, dtype="float32", mesh=None, attention: str = "reference", quantize=None) -> Model:
+    """Load a model from an HF checkpoint dir (config.json + *.safetensors) or a converted dllm-jax dir."""
+    if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    path = os.fspath(path)
+    jdtype = resolve_dtype(dtype)
+    if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
+        from dllm_jax import checkpoint
+
+        model = checkpoint.restore_converted(path, dtype=jdtype, mesh=mesh)
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        from dllm_jax.hf_weights import load_hf_params
+
+        cfg = config_from_hf(read_hf_config(path), where=os.path.join(path, "config.json"))
+        np_dtype = np.float32 if jdtype == jnp.float32 else jnp.bfloat16
+        params = load_hf_params(path, cfg, dtype=np_dtype)
+        tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
+            else None
+        model = Model(cfg, _cast_tree(params, jdtype), path=path, tokenizer_path=tok)
+        if mesh is not None:
+            from dllm_jax import sharding
+
+            model = dataclasses.replace(model, params=sharding.shard_params(model.params, model.cfg, mesh))
+    else:
+        raise ConfigError(f"{path!r} is neither an HF checkpoint (config.json + *.safetensors) nor a converted "
+                          f"dllm-jax checkpoint ({CONVERTED_CONFIG} + params/)")
+    if attention != "reference":
+        model = model.with_attention(attention)
+    if quantize:
+        from dllm_jax import quant
+
+        model = quant.quantize_model(model, quantize)
+    return model

@@ -1,0 +1,178 @@
+"""The llama-style bidirectional transformer body shared by LLaDA and Dream (pure functions over a params pytree).
+
+Params pytree (dict of arrays; layers stacked on a leading axis and run with `lax.scan`):
+  embed [V, D]; final_norm [D]; lm_head [D, V];
+  layers: attn_norm [L, D], wq [L, D, H*hd], wk/wv [L, D, K*hd], (bq [L, H*hd], bk/bv [L, K*hd] if qkv_bias),
+          wo [L, H*hd, D], mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D].
+KV cache pytree: {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}, keys stored BEFORE RoPE (as the reference code);
+RoPE is applied to all keys at every call from the key positions.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax.models.config import ModelConfig
+from pallas_kernels.block_attention import api as attn_api
+
+
+def rms_norm(x, w, eps):
+    # Reference (LLaDA and Qwen2): normalise in float32, cast back to the input dtype, then multiply by the weight.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope_tables(positions_BxT, head_dim, theta):
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # B,T,hd/2
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]  # B,T,1,hd
+
+
+def apply_rope(x_BxTxNxD, cos, sin):
+    # NeoX rotate-half, computed in float32 (LLaDA rope_full_precision; Qwen2 also fp32 tables).
+    xf = x_BxTxNxD.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rot * sin).astype(x_BxTxNxD.dtype)
+
+
+def _proj(x, w, b=None):
+    y = jnp.einsum("btd,df->btf", x, w.astype(x.dtype))
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y
+
+
+def _qkv(cfg: ModelConfig, lp, h):
+    B, T, _ = h.shape
+    q = _proj(h, lp["wq"], lp.get("bq")).reshape(B, T, cfg.n_heads, cfg.head_dim)
+    k = _proj(h, lp["wk"], lp.get("bk")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    v = _proj(h, lp["wv"], lp.get("bv")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    return q, k, v
+
+
+def _mlp(cfg, lp, x):
+    h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+    g = _proj(h, lp["w_gate"])
+    u = _proj(h, lp["w_up"])
+    return _proj(jax.nn.silu(g) * u, lp["w_down"])
+
+
+def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret):
+    cos_q, sin_q = rope_tables(q_pos, cfg.head_dim, cfg.rope_theta)
+    cos_k, sin_k = rope_tables(k_pos, cfg.head_dim, cfg.rope_theta)
+    q = apply_rope(q, cos_q, sin_q)
+    k = apply_rope(k_all, cos_k, sin_k)
+    return attn_api.block_attention(
+        q, k, v_all, key_valid_BxS, q_index, block_size=cfg.block_causal,
+        implementation=cfg.attention_impl, interpret=interpret)
+
+
+def _head(params, cfg, x):
+    x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _embed(params, tokens):
+    return jnp.take(params["embed"], tokens, axis=0)
+
+
+@partial(jax.jit, static_argnames=("cfg", "interpret"))
+def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False):
+    """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree)."""
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if key_valid_BxT is None:
+        key_valid_BxT = jnp.ones((B, T), bool)
+    q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = _embed(params, tokens_BxT)
+
+    def layer(x, lp):
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, lp, h)
+        o = _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret)
+        x = x + _proj(o.reshape(B, T, -1), lp["wo"])
+        x = x + _mlp(cfg, lp, x)
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(layer, x, params["layers"])
+    return _head(params, cfg, x), {"k": k, "v": v}
+
+
+def _row_slice(a_BxS, start_B, size):
+    return jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, size, axis=0))(a_BxS, start_B)
+
+
+def _row_update(a_BxS, upd_BxW, start_B):
+    return jax.vmap(lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0))(a_BxS, upd_BxW, start_B)
+
+
+@partial(jax.jit, static_argnames=("cfg", "interpret"))
+def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
+                   interpret=False):
+    """Cached forward of a window of W queries at per-row offsets `start_B` into the S-long KV buffer.
+
+    For each layer the window's freshly computed K/V overwrite the cache where `write_BxW` is true (dual-cache
+    `replace_position`; prefix-cache = write the whole suffix); the queries then attend over the full updated
+    buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S.
+    Returns (logits [B,W,V] float32, updated cache).
+    """
+    B, W = tokens_BxW.shape
+    q_pos = _row_slice(positions_BxS, start_B, W)
+    q_index = start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+    x = _embed(params, tokens_BxW)
+
+    def layer(x, lp_kv):
+        lp, ck, cv = lp_kv
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, lp, h)
+        wmask = write_BxW[:, :, None, None]
+        k_blend = jnp.where(wmask, k.astype(ck.dtype), _row_slice(ck, start_B, W))
+        v_blend = jnp.where(wmask, v.astype(cv.dtype), _row_slice(cv, start_B, W))
+        ck = _row_update(ck, k_blend, start_B)
+        cv = _row_update(cv, v_blend, start_B)
+        o = _attend(cfg, q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid_BxS, q_pos, positions_BxS, q_index,
+                    interpret)
+        x = x + _proj(o.reshape(B, W, -1), lp["wo"])
+        x = x + _mlp(cfg, lp, x)
+        return x, (ck, cv)
+
+    x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    return _head(params, cfg, x), {"k": k, "v": v}
+
+
+def shift_logits(logits_BxTxV):
+    """Dream's right shift: the prediction for position i is raw row i-1; position 0 keeps its own row."""
+    return jnp.concatenate([logits_BxTxV[:, :1], logits_BxTxV[:, :-1]], axis=1)
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02):
+    """Random params with the converted layout (used by training and random-weight benchmarks)."""
+    D, L, H, K, hd, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden,
+                            cfg.vocab_size)
+    ks = iter(jax.random.split(key, 16))
+
+    def n(shape, s=scale):
+        return (jax.random.normal(next(ks), shape, jnp.float32) * s).astype(dtype)
+
+    layers = {
+        "attn_norm": jnp.ones((L, D), dtype), "wq": n((L, D, H * hd)), "wk": n((L, D, K * hd)),
+        "wv": n((L, D, K * hd)), "wo": n((L, H * hd, D), scale / (2 * L) ** 0.5), "mlp_norm": jnp.ones((L, D), dtype),
+        "w_gate": n((L, D, F)), "w_up": n((L, D, F)), "w_down": n((L, F, D), scale / (2 * L) ** 0.5),
+    }
+    if cfg.qkv_bias:
+        layers.update(bq=jnp.zeros((L, H * hd), dtype), bk=jnp.zeros((L, K * hd), dtype),
+                      bv=jnp.zeros((L, K * hd), dtype))
+    return {"embed": n((V, D)), "layers": layers, "final_norm": jnp.ones((D,), dtype), "lm_head": n((D, V))}
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shapes of every leaf of the params pytree (for checks and eval_shape tables)."""
+    return jax.tree.map(lambda a: tuple(a.shape), jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))

@@ -1,0 +1,1 @@
+"""Pallas kernels, each beside a plain-jnp reference with the same signature."""

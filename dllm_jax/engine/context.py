@@ -1,0 +1,55 @@
+"""Static shape context and small array helpers shared by the loop and the policies."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Ctx:
+    """Static layout of the canvas: [B, L] with the prompt left-padded into [0, P) and generation in [P, L)."""
+
+    batch: int
+    prompt_len: int  # P: padded prompt length (generation starts here for every row)
+    gen_length: int  # G
+    mask_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def total_len(self) -> int:
+        return self.prompt_len + self.gen_length
+
+
+def iota_BxL(ctx: Ctx):
+    return jnp.broadcast_to(jnp.arange(ctx.total_len, dtype=jnp.int32), (ctx.batch, ctx.total_len))
+
+
+def in_range(pos_BxL, s_B, e_B):
+    return (pos_BxL >= s_B[:, None]) & (pos_BxL < e_B[:, None])
+
+
+def first_true(mask_BxL, default_B):
+    """Index of the first True per row, or `default_B` where the row has none."""
+    L = mask_BxL.shape[1]
+    idx = jnp.argmax(mask_BxL, axis=1).astype(jnp.int32)
+    return jnp.where(jnp.any(mask_BxL, axis=1), idx, default_B).astype(jnp.int32)
+
+
+def rank_desc(conf_BxL):
+    """Rank of each position when sorted by confidence, descending; ties keep the lower index first."""
+    order = jnp.argsort(-conf_BxL, axis=1, stable=True)
+    B, L = conf_BxL.shape
+    ranks = jnp.zeros((B, L), jnp.int32)
+    return jax.vmap(lambda r, o: r.at[o].set(jnp.arange(L, dtype=jnp.int32)))(ranks, order)
+
+
+def row_slice(a_BxS, start_B, size):
+    return jax.vmap(lambda a, s: jax.lax.dynamic_slice_in_dim(a, s, size, axis=0))(a_BxS, start_B)
+
+
+def row_update(a_BxS, upd_BxW, start_B):
+    return jax.vmap(lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0))(a_BxS, upd_BxW, start_B)

@@ -1,0 +1,205 @@
+"""The denoising loop, written once: one `lax.while_loop`, one forward per iteration, policies decide the rest.
+
+Iteration (per row, all rows batched; finished rows are frozen with `where`, not removed):
+  1. the cache policy says whether this row needs a full (refresh) forward or a cached window forward;
+  2. the forward runs (full, window, or both when rows disagree, so every row gets exactly its own semantics) and
+     is reduced to canvas-sized [B, L] token proposals x0 and confidences;
+  3. the window policy may resolve its window from these (AdaBlock); candidates = masked positions in [s, e);
+  4. the acceptance rule picks the positions to commit (a refresh forward may commit only the first mask);
+  5. states advance; a block is done when the acceptance rule and the cache policy agree; the window moves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax.engine.acceptance import Accept
+from dllm_jax.engine.caches import Cache, NoCache
+from dllm_jax.engine.context import Ctx, first_true, in_range, iota_BxL, row_slice, row_update
+from dllm_jax.engine.sampling import TokenSampler, token_stats
+from dllm_jax.engine.windows import Window
+from dllm_jax.models import transformer
+from dllm_jax.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A complete decoding schedule: window x acceptance x cache, plus token sampling options."""
+
+    window: Window
+    accept: Accept
+    cache: Cache = NoCache()
+    sampler: TokenSampler = TokenSampler()
+    cfg_scale: float = 0.0
+    eos_early_stop: bool = False
+    max_nfe: int | None = None  # safety bound on forwards (default: 4 * gen_length + 8)
+    name: str = "custom"
+
+    def replace(self, **kw) -> "Schedule":
+        return dataclasses.replace(self, **kw)
+
+
+def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step):
+    if sched.cfg_scale > 0:
+        # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
+        is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
+        un = jnp.where(is_prompt, ctx.mask_id, x)
+        both, kv = transformer.forward(params, cfg, jnp.concatenate([x, un]), jnp.concatenate([positions] * 2),
+                                       jnp.concatenate([key_valid] * 2))
+        cond, unc = both[: ctx.batch], both[ctx.batch:]
+        logits = unc + (sched.cfg_scale + 1.0) * (cond - unc)
+        kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
+    else:
+        logits, kv = transformer.forward(params, cfg, x, positions, key_valid)
+    x0, conf = token_stats(sched.sampler, logits, keys, step)
+    if cfg.logit_shift:
+        x0 = jnp.concatenate([x0[:, :1], x0[:, :-1]], axis=1)
+        conf = jnp.concatenate([conf[:, :1], conf[:, :-1]], axis=1)
+    return x0, conf, kv
+
+
+def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W):
+    w0, write, slice_start = plan
+    tokens = row_slice(x, w0, W)
+    logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid)
+    x0w, confw = token_stats(sched.sampler, logits, keys, step)
+    if cfg.logit_shift:
+        # shift inside the reference's slice: its first position keeps its own row
+        own = (w0[:, None] + jnp.arange(W)[None]) <= slice_start[:, None]
+        x0w = jnp.where(own, x0w, jnp.concatenate([x0w[:, :1], x0w[:, :-1]], axis=1))
+        confw = jnp.where(own, confw, jnp.concatenate([confw[:, :1], confw[:, :-1]], axis=1))
+    x0 = row_update(x, x0w, w0)
+    conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confw, w0)
+    return x0, conf, cache
+
+
+def init_cache(cfg: ModelConfig, ctx: Ctx, dtype):
+    shape = (cfg.n_layers, ctx.batch, ctx.total_len, cfg.n_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _eos_stop(ctx: Ctx, x, active):
+    """Per-row early stop: a row whose generated text has an EOS with no mask before it is done; fill with EOS."""
+    pos = iota_BxL(ctx)
+    gen = pos >= ctx.prompt_len
+    first_eos = first_true(gen & (x == ctx.eos_id), jnp.full((ctx.batch,), ctx.total_len, jnp.int32))
+    masks_before = jnp.any(gen & (x == ctx.mask_id) & (pos < first_eos[:, None]), axis=1)
+    stop = active & (first_eos < ctx.total_len) & ~masks_before
+    x = jnp.where(stop[:, None] & (pos > first_eos[:, None]), ctx.eos_id, x)
+    return x, stop
+
+
+def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys,
+              trace_len: int = 0):
+    """Build (carry, cond, body) of the denoising loop; `run` hands them to `lax.while_loop`."""
+    win, acc, cpol = sched.window, sched.accept, sched.cache
+    B, L = ctx.batch, ctx.total_len
+    pos = iota_BxL(ctx)
+    max_nfe = sched.max_nfe or (4 * ctx.gen_length + 8)
+    W = cpol.width(ctx, win) if cpol.has_cache else L
+
+    w0 = win.init(ctx, x)
+    n_mask0 = jnp.sum((x == ctx.mask_id) & in_range(pos, w0["s"], w0["e"]), axis=1).astype(jnp.int32)
+    carry: dict[str, Any] = {
+        "x": x, "w": w0, "a": acc.init(ctx, n_mask0), "c": cpol.init(ctx),
+        "i": jnp.zeros((B,), jnp.int32), "nfe": jnp.zeros((B,), jnp.int32),
+        "active": jnp.ones((B,), bool), "it": jnp.zeros((), jnp.int32),
+    }
+    if cpol.has_cache:
+        carry["kv"] = init_cache(cfg, ctx, params["embed"].dtype)
+    if trace_len:
+        carry["trace"] = {"full": jnp.zeros((trace_len, B), bool), "s": jnp.zeros((trace_len, B), jnp.int32),
+                          "e": jnp.zeros((trace_len, B), jnp.int32), "n": jnp.zeros((trace_len, B), jnp.int32)}
+
+    def cond(c):
+        return jnp.any(c["active"]) & (c["it"] < max_nfe)
+
+    def body(c):
+        x, w, a, cs, i, active = c["x"], c["w"], c["a"], c["c"], c["i"], c["active"]
+        step = c["it"]
+        need_full = cpol.needs_full(cs, ctx, w)
+        if cpol.has_cache:
+            kv = c["kv"]
+            plan = cpol.plan_window(cs, ctx, w, W)
+            full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step)  # noqa: E731
+            window = lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step,  # noqa
+                                           kv, plan, W)
+
+            def mixed():
+                xf, cf, kvf = full()
+                xw, cw, kvw = window()
+                m = need_full[:, None]
+                kvm = jax.tree.map(lambda a, b: jnp.where(need_full[None, :, None, None, None], a, b), kvf, kvw)
+                return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm
+
+            live_full = need_full | ~active
+            branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
+            x0, conf, kv = jax.lax.switch(branch, [window, full, mixed])
+        else:
+            x0, conf, _ = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step)
+        did_full = need_full & active
+
+        w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
+        cand = (x == ctx.mask_id) & in_range(pos, w["s"], w["e"]) & active[:, None]
+        conf = jnp.where(cand, conf, -jnp.inf)
+        commit, a_new = acc.select(a, ctx, conf, cand, i)
+        if cpol.refresh_commit == "first":
+            first = first_true(cand, jnp.full((B,), L, jnp.int32))
+            commit = jnp.where(did_full[:, None], cand & (pos == first[:, None]), commit)
+            a_new = jax.tree.map(lambda new, old: jnp.where(did_full, old, new) if new.ndim == 1 else new, a_new, a)
+        commit = commit & active[:, None]
+        a = jax.tree.map(lambda new, old: jnp.where(active, new, old) if new.ndim == 1 else new, a_new, a)
+        x = jnp.where(commit, x0, x)
+        n_commit = jnp.sum(commit, axis=1).astype(jnp.int32)
+
+        nfe = c["nfe"] + active.astype(jnp.int32)
+        i = i + active.astype(jnp.int32)
+        cs = cpol.after_forward(cs, did_full, active)
+        cs = cpol.after_commit(cs, ctx, n_commit, did_full)
+        w = win.after_commit(w, ctx, x, n_commit)
+
+        no_mask = ~jnp.any((x == ctx.mask_id) & in_range(pos, w["s"], w["e"]), axis=1)
+        bdone = acc.block_done(a, ctx, i, no_mask) & cpol.block_ready(cs) & active
+        w_next, finished = win.advance(w, ctx, x, bdone)
+        w = jax.tree.map(lambda new, old: jnp.where(active, new, old), w_next, w)
+        i = jnp.where(bdone, 0, i)
+        cs = cpol.new_block(cs, bdone)
+        n_mask = jnp.sum((x == ctx.mask_id) & in_range(pos, w["s"], w["e"]), axis=1).astype(jnp.int32)
+        a = acc.new_block(a, ctx, n_mask, bdone)
+        active = active & ~finished
+        if sched.eos_early_stop:
+            x, stopped = _eos_stop(ctx, x, active)
+            active = active & ~stopped
+
+        out = {**c, "x": x, "w": w, "a": a, "c": cs, "i": i, "nfe": nfe, "active": active, "it": c["it"] + 1}
+        if cpol.has_cache:
+            out["kv"] = kv
+        if trace_len:
+            t = c["trace"]
+            k = jnp.minimum(step, trace_len - 1)
+            out["trace"] = {"full": t["full"].at[k].set(did_full), "s": t["s"].at[k].set(c["w"]["s"]),
+                            "e": t["e"].at[k].set(c["w"]["e"]), "n": t["n"].at[k].set(n_commit)}
+        return out
+
+    return carry, cond, body
+
+
+def results(c):
+    res = {"x": c["x"], "nfe": c["nfe"], "steps": c["it"], "unfinished": c["active"]}
+    if "trace" in c:
+        res["trace"] = c["trace"]
+    return res
+
+
+def run(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, trace_len: int = 0):
+    """The whole generation as one `lax.while_loop` (call under jit with cfg/sched/ctx/trace_len static).
+
+    Returns a dict: x (final canvas), nfe [B], steps (loop iterations), unfinished [B], and when trace_len > 0 a
+    per-forward trace (full flag, window s/e, committed count per row) of the first trace_len forwards.
+    """
+    carry, cond, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len)
+    return results(jax.lax.while_loop(cond, body, carry))

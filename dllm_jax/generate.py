@@ -1,0 +1,161 @@
+"""Public generation API: validation at the boundary, prompt bucketing, one compiled program per shape bucket."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dllm_jax.engine.context import Ctx
+from dllm_jax.engine.loop import Schedule, run
+from dllm_jax.model import Model
+
+
+class ScheduleError(ValueError):
+    """Invalid generation arguments (raised before anything is compiled)."""
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    sequences: np.ndarray  # [B, P + G]: left-padded prompt (padded to the bucket P) + generation
+    generated: np.ndarray  # [B, G]
+    prompt_len: int  # P (bucketed)
+    nfe: np.ndarray  # [B] forwards each row took part in
+    gen_lengths: np.ndarray  # [B] generated tokens up to (excluding) the first EOS, else G
+    compile_time_s: float
+    run_time_s: float
+    loop_iterations: int
+    unfinished: np.ndarray  # [B] rows stopped by the max_nfe safety bound (should be all False)
+    trace: dict | None = None
+
+
+_COMPILED: dict = {}
+_STATS = {"compilations": 0}
+
+
+def compile_count() -> int:
+    """Number of generation programs compiled in this process (for bucketing tests)."""
+    return _STATS["compilations"]
+
+
+def bucket_length(n: int, multiple: int = 32) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def _as_rows(prompt_ids, attention_mask):
+    if isinstance(prompt_ids, np.ndarray) or hasattr(prompt_ids, "shape"):
+        arr = np.asarray(prompt_ids)
+        if arr.ndim == 1:
+            arr = arr[None]
+        if arr.ndim != 2:
+            raise ScheduleError(f"prompt_ids must be [batch, length] or a list of token lists, got shape {arr.shape}")
+        if attention_mask is None:
+            return [list(map(int, r)) for r in arr]
+        m = np.asarray(attention_mask).reshape(arr.shape).astype(bool)
+        rows = []
+        for r, mr in zip(arr, m):
+            if mr.any() and not mr[np.argmax(mr):].all():
+                raise ScheduleError("attention_mask must describe left padding (zeros only before the prompt)")
+            rows.append([int(t) for t, v in zip(r, mr) if v])
+        return rows
+    if isinstance(prompt_ids, (list, tuple)):
+        if prompt_ids and all(isinstance(t, (int, np.integer)) for t in prompt_ids):
+            prompt_ids = [prompt_ids]
+        if attention_mask is not None:
+            return _as_rows(np.asarray(prompt_ids), attention_mask)
+        return [list(map(int, r)) for r in prompt_ids]
+    raise ScheduleError(f"prompt_ids must be an array or a list of token lists, got {type(prompt_ids).__name__}")
+
+
+def validate(model: Model, rows, gen_length: int, schedule: Schedule, prompt_len: int) -> Ctx:
+    cfg = model.cfg
+    if not isinstance(schedule, Schedule):
+        raise ScheduleError(f"schedule must be a dllm_jax Schedule (see dllm_jax.presets), got {type(schedule).__name__}")
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ScheduleError("every prompt must hold at least one token")
+    if not isinstance(gen_length, (int, np.integer)) or gen_length <= 0:
+        raise ScheduleError(f"gen_length must be a positive integer, got {gen_length!r}")
+    if not (0 <= cfg.mask_token_id < cfg.vocab_size):
+        raise ScheduleError(f"mask id {cfg.mask_token_id} lies outside the vocabulary [0, {cfg.vocab_size})")
+    for r in rows:
+        bad = [t for t in r if not (0 <= t < cfg.vocab_size)]
+        if bad:
+            raise ScheduleError(f"prompt token ids {bad[:5]} lie outside the vocabulary [0, {cfg.vocab_size})")
+    total = prompt_len + gen_length
+    if total > cfg.max_seq_len:
+        raise ScheduleError(f"prompt ({prompt_len}) + gen_length ({gen_length}) = {total} exceeds the model's maximum "
+                            f"length {cfg.max_seq_len}")
+    ctx = Ctx(batch=len(rows), prompt_len=prompt_len, gen_length=int(gen_length), mask_id=cfg.mask_token_id,
+              eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+    try:
+        schedule.window.validate(ctx)
+        schedule.accept.validate(ctx, schedule.window)
+    except ValueError as e:
+        raise ScheduleError(str(e)) from None
+    if schedule.cfg_scale > 0 and schedule.cache.has_cache:
+        raise ScheduleError("cfg_scale > 0 is only supported without a KV cache (as in the reference)")
+    return ctx
+
+
+@partial(jax.jit, static_argnames=("cfg", "sched", "ctx", "trace_len"))
+def _generate_jit(params, x, key_valid, positions, keys, *, cfg, sched, ctx, trace_len):
+    return run(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len)
+
+
+def prepare(model: Model, prompt_ids, gen_length: int, schedule: Schedule, attention_mask=None, bucket=True,
+            seed=0):
+    rows = _as_rows(prompt_ids, attention_mask)
+    longest = max((len(r) for r in rows), default=0)
+    P = bucket_length(longest) if bucket else longest
+    ctx = validate(model, rows, gen_length, schedule, P)
+    B, L = len(rows), P + gen_length
+    x = np.full((B, L), model.cfg.pad_token_id, np.int32)
+    valid = np.zeros((B, L), bool)
+    for b, r in enumerate(rows):
+        x[b, P - len(r):P] = r
+        valid[b, P - len(r):] = True
+    x[:, P:] = model.cfg.mask_token_id
+    # Positions count real tokens only (pads get 0), so a left-padded row sees the same RoPE angles as unpadded.
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    seeds = np.asarray(seed if np.ndim(seed) else np.uint32(seed) + np.arange(B, dtype=np.uint32), np.uint32)
+    if seeds.shape != (B,):
+        raise ScheduleError(f"seed must be an int or one int per row ({B}), got shape {seeds.shape}")
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return ctx, jnp.asarray(x), jnp.asarray(valid), jnp.asarray(positions), keys
+
+
+def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, attention_mask=None, seed=0,
+             bucket: bool = True, trace: bool = False) -> GenerateOutput:
+    """Generate with one jitted program (a lax.while_loop over the whole denoising process).
+
+    prompt_ids: a list of token lists (any lengths) or a [B, T] array (with `attention_mask` for left padding).
+    Prompts are left-padded to a common length, bucketed to a multiple of 32 unless bucket=False, so prompts of the
+    same bucket reuse the compiled program. seed: an int (row b uses seed + b) or one seed per row; with a per-row
+    seed a row's sampled output does not depend on the rest of the batch.
+    """
+    ctx, x, valid, positions, keys = prepare(model, prompt_ids, gen_length, schedule, attention_mask, bucket, seed)
+    trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0
+    key = (model.cfg, schedule, ctx, trace_len, jax.tree.structure(model.params),
+           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(model.params)))
+    t0 = time.perf_counter()
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = _generate_jit.lower(model.params, x, valid, positions, keys, cfg=model.cfg, sched=schedule,
+                                       ctx=ctx, trace_len=trace_len).compile()
+        _COMPILED[key] = compiled
+        _STATS["compilations"] += 1
+    t1 = time.perf_counter()
+    out = compiled(model.params, x, valid, positions, keys)
+    out = jax.tree.map(np.asarray, jax.block_until_ready(out))
+    t2 = time.perf_counter()
+    seqs = out["x"]
+    gen = seqs[:, ctx.prompt_len:]
+    is_eos = gen == ctx.eos_id
+    gen_lengths = np.where(is_eos.any(1), is_eos.argmax(1), ctx.gen_length)
+    return GenerateOutput(sequences=seqs, generated=gen, prompt_len=ctx.prompt_len, nfe=out["nfe"],
+                          gen_lengths=gen_lengths, compile_time_s=t1 - t0, run_time_s=t2 - t1,
+                          loop_iterations=int(out["steps"]), unfinished=out["unfinished"], trace=out.get("trace"))

@@ -1,0 +1,193 @@
+"""Named presets: each published method as a composition window x acceptance x cache (+ token sampler).
+
+| preset                     | official function                                              |
+|----------------------------|----------------------------------------------------------------|
+| llada                      | ML-GSAI/LLaDA generate.py::generate                            |
+| fastdllm                   | NVlabs/Fast-dLLM llada/generate.py::generate                   |
+| fastdllm_prefix            | ... ::generate_with_prefix_cache                               |
+| fastdllm_dual              | ... ::generate_with_dual_cache                                 |
+| dream                      | Dream generation_utils.py::diffusion_generate (maskgit_plus, topk_margin, entropy, origin) |
+| fastdllm_dream_threshold   | Fast-dLLM dream generation_utils.py, alg=confidence_threshold  |
+| fastdllm_dream_prefix/dual | Fast-dLLM dream generation_utils_block.py (dual_cache False/True) |
+| vanilla                    | one token per forward, fixed blocks (= llada with steps=gen_length) |
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dllm_jax.engine import (DreamCarryThreshold, DreamOrigin, DreamQuota, DualCache, Factor, FixedBlocks, NoCache,
+                             PrefixCache, Schedule, Threshold, TokenSampler, TopKQuota)
+from dllm_jax.models.config import ModelConfig
+
+
+class PresetError(ValueError):
+    pass
+
+
+def _blocks(gen_length, block_length, steps):
+    if block_length is None:
+        block_length = gen_length
+    if block_length <= 0 or gen_length % block_length:
+        raise PresetError(f"gen_length ({gen_length}) must be divisible by block_length ({block_length})")
+    nb = gen_length // block_length
+    if steps is not None and (steps <= 0 or steps % nb):
+        raise PresetError(f"steps ({steps}) must be a positive multiple of the number of blocks ({nb})")
+    return block_length, nb
+
+
+def _eos_sampler(mcfg: ModelConfig | None, confidence, temperature, logits_eos_inf, confidence_eos_eot_inf,
+                 eos_fix, style="gumbel", top_p=None, top_k=None):
+    if logits_eos_inf and confidence_eos_eot_inf:
+        raise PresetError("choose one of logits_eos_inf and confidence_eos_eot_inf")
+    pen = None
+    if logits_eos_inf:
+        pen = "logits_eos_inf"
+    elif confidence_eos_eot_inf:
+        pen = "confidence_eos_eot_inf" if eos_fix else "confidence_eos_eot_inf_reference"
+    eos = mcfg.eos_token_id if mcfg else -1
+    eot = int(mcfg.get("eot_token_id", -1) or -1) if mcfg else -1
+    if temperature < 0:
+        raise PresetError(f"temperature must be >= 0, got {temperature}")
+    return TokenSampler(confidence=confidence, temperature=float(temperature), style=style, top_p=top_p, top_k=top_k,
+                        eos_penalty=pen, eos_id=eos, eot_id=eot)
+
+
+def _threshold_or_factor(threshold, factor, steps_per_block):
+    if threshold is not None and factor is not None:
+        raise PresetError("give threshold or factor, not both")
+    if threshold is not None:
+        if not (0.0 < threshold <= 1.0):
+            raise PresetError(f"threshold must lie in (0, 1], got {threshold}")
+        return Threshold(threshold=float(threshold))
+    if factor is not None:
+        if factor <= 0:
+            raise PresetError(f"factor must be > 0, got {factor}")
+        return Factor(factor=float(factor))
+    return TopKQuota(steps_per_block=steps_per_block)
+
+
+def llada(gen_length, *, steps=None, block_length=None, temperature=0.0, cfg_scale=0.0, remasking="low_confidence",
+          logits_eos_inf=False, confidence_eos_eot_inf=False, eos_fix=False, eos_early_stop=False,
+          model_cfg=None) -> Schedule:
+    """ML-GSAI LLaDA `generate`: semi-AR blocks, `steps/num_blocks` forwards per block, top-k quota."""
+    steps = gen_length if steps is None else steps
+    bl, nb = _blocks(gen_length, block_length, steps)
+    if remasking not in ("low_confidence", "random"):
+        raise PresetError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+    conf = "prob" if remasking == "low_confidence" else "random"
+    return Schedule(window=FixedBlocks(bl), accept=TopKQuota(steps_per_block=steps // nb),
+                    sampler=_eos_sampler(model_cfg, conf, temperature, logits_eos_inf, confidence_eos_eot_inf,
+                                         eos_fix),
+                    cfg_scale=float(cfg_scale), eos_early_stop=eos_early_stop, name="llada")
+
+
+def vanilla(gen_length, *, block_length=32, **kw) -> Schedule:
+    bl = min(block_length, gen_length)
+    return llada(gen_length, steps=gen_length, block_length=bl, **kw).replace(name="vanilla")
+
+
+def _fastdllm(cache, name, gen_length, *, steps=None, block_length=None, temperature=0.0, remasking="low_confidence",
+              threshold=None, factor=None, eos_early_stop=False, model_cfg=None):
+    steps = gen_length if steps is None else steps
+    bl, nb = _blocks(gen_length, block_length, steps)
+    spb = steps // nb
+    if cache.has_cache and threshold is None and factor is None and spb < 2:
+        raise PresetError("the cached Fast-dLLM variants with a fixed schedule need >= 2 steps per block "
+                          "(the reference indexes past its schedule otherwise)")
+    conf = "prob" if remasking == "low_confidence" else "random"
+    return Schedule(window=FixedBlocks(bl), accept=_threshold_or_factor(threshold, factor, spb), cache=cache,
+                    sampler=_eos_sampler(model_cfg, conf, temperature, False, False, False),
+                    eos_early_stop=eos_early_stop, name=name)
+
+
+def fastdllm(gen_length, **kw):
+    return _fastdllm(NoCache(), "fastdllm", gen_length, **kw)
+
+
+def fastdllm_prefix(gen_length, **kw):
+    return _fastdllm(PrefixCache(), "fastdllm_prefix", gen_length, **kw)
+
+
+def fastdllm_dual(gen_length, **kw):
+    return _fastdllm(DualCache(), "fastdllm_dual", gen_length, **kw)
+
+
+_DREAM_CONF = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy", "origin": "random"}
+
+
+def dream(gen_length, *, steps=None, alg="maskgit_plus", eps=1e-3, temperature=0.0, top_p=None, top_k=None,
+          alg_temp=0.0, batch_mean_quota=True, eos_early_stop=False, model_cfg=None):
+    """Dream `diffusion_generate` (no cache): `steps` global steps on float32 linspace(1, eps) timesteps."""
+    steps = gen_length if steps is None else steps
+    if alg not in _DREAM_CONF:
+        raise PresetError(f"unknown Dream alg {alg!r}; expected one of {sorted(_DREAM_CONF)} "
+                          "(or use preset fastdllm_dream_threshold for confidence_threshold)")
+    if alg_temp:
+        raise PresetError("alg_temp > 0 (multinomial position sampling) is not supported; use alg_temp=0")
+    if steps <= 0:
+        raise PresetError(f"steps must be > 0, got {steps}")
+    acc = DreamOrigin(steps=steps, eps=eps) if alg == "origin" else DreamQuota(steps=steps, eps=eps,
+                                                                                batch_mean=batch_mean_quota)
+    return Schedule(window=FixedBlocks(None), accept=acc,
+                    sampler=_eos_sampler(model_cfg, _DREAM_CONF[alg], temperature, False, False, False,
+                                         style="dream", top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name=f"dream_{alg}")
+
+
+def fastdllm_dream_threshold(gen_length, *, steps=None, threshold=0.9, temperature=0.0, top_p=None, top_k=None,
+                             eos_early_stop=False, model_cfg=None):
+    steps = gen_length if steps is None else steps
+    if steps <= 0 or gen_length % steps:
+        raise PresetError(f"confidence_threshold needs gen_length ({gen_length}) divisible by steps ({steps})")
+    if not (0.0 < threshold <= 1.0):
+        raise PresetError(f"threshold must lie in (0, 1], got {threshold}")
+    return Schedule(window=FixedBlocks(None), accept=DreamCarryThreshold(steps=steps, threshold=float(threshold)),
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False, style="dream",
+                                         top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name="fastdllm_dream_threshold")
+
+
+def _fastdllm_dream_block(dual, gen_length, *, steps=None, block_length=32, alg="confidence_threshold",
+                          threshold=0.9, eps=1e-3, temperature=0.0, top_p=None, top_k=None, eos_early_stop=False,
+                          model_cfg=None):
+    steps = gen_length if steps is None else steps
+    bl, nb = _blocks(gen_length, block_length, steps)
+    if alg == "confidence_threshold":
+        if threshold is None:
+            threshold = 0.9
+        if not (0.0 < threshold <= 1.0):
+            raise PresetError(f"threshold must lie in (0, 1], got {threshold}")
+        acc, conf = Threshold(threshold=float(threshold)), "prob"
+    else:
+        # Reference quirk: any other alg is replaced by negative entropy with a per-block linear schedule.
+        acc, conf = DreamQuota(steps=steps // nb, eps=eps), "neg_entropy"
+    cache = (DualCache if dual else PrefixCache)(refresh_commit="first")
+    return Schedule(window=FixedBlocks(bl), accept=acc, cache=cache,
+                    sampler=_eos_sampler(model_cfg, conf, temperature, False, False, False, style="dream",
+                                         top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name="fastdllm_dream_" + ("dual" if dual else "prefix"))
+
+
+def fastdllm_dream_prefix(gen_length, **kw):
+    return _fastdllm_dream_block(False, gen_length, **kw)
+
+
+def fastdllm_dream_dual(gen_length, **kw):
+    return _fastdllm_dream_block(True, gen_length, **kw)
+
+
+PRESETS: dict[str, Callable[..., Schedule]] = {
+    "llada": llada, "vanilla": vanilla, "fastdllm": fastdllm, "fastdllm_prefix": fastdllm_prefix,
+    "fastdllm_dual": fastdllm_dual, "dream": dream, "fastdllm_dream_threshold": fastdllm_dream_threshold,
+    "fastdllm_dream_prefix": fastdllm_dream_prefix, "fastdllm_dream_dual": fastdllm_dream_dual,
+}
+
+
+def make_schedule(name: str, gen_length: int, model_cfg: ModelConfig | None = None, **kw) -> Schedule:
+    """Build a preset by name; errors name the bad argument before anything is compiled."""
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    if not isinstance(gen_length, int) or gen_length <= 0:
+        raise PresetError(f"gen_length must be a positive integer, got {gen_length!r}")
+    return PRESETS[name](gen_length, model_cfg=model_cfg, **kw)

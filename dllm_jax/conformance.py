@@ -68,12 +68,10 @@ def map_case(case: dict, model_cfg) -> tuple[str, dict, dict]:
     if name in ("fastdllm_dream_threshold",):
         kw.pop("alg", None)
         kw.pop("eps", None)
-    if name.startswith("fastdllm_dream_") and name != "fastdllm_dream_threshold":
-        kw.pop("alg_temp", None)
     if name == "dream":
         kw.pop("threshold", None)
-    if name.startswith("fastdllm") and not name.startswith("fastdllm_dream"):
-        kw.pop("alg_temp", None)
+    if name != "dream" and kw.pop("alg_temp", 0) not in (0, 0.0, None):
+        raise Unsupported("alg_temp > 0 (multinomial position sampling) is not supported")
     return name, kw, gen_kw
 
 

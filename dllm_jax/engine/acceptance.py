@@ -141,8 +141,9 @@ class DreamQuota(Accept):
 @dataclasses.dataclass(frozen=True)
 class DreamCarryThreshold(Accept):
     """Fast-dLLM Dream `confidence_threshold` without cache: quota = #masks/steps + rejections carried over; the top
-    candidate always, others need conf >= threshold; rejections at the last scheduled step extend `steps` (NFE can
-    exceed `steps`). Requires #masks % steps == 0 (as the reference asserts)."""
+    candidate always, others need conf >= threshold; rejections at the last scheduled step extend `steps` by one
+    (the reference increments `steps` inside its rejection loop, after which the test `i < steps - 1` holds again,
+    so one extension per step) and zero the base quota: NFE can exceed `steps`. Requires #masks % steps == 0."""
 
     steps: int = 1
     threshold: float = 0.9
@@ -167,7 +168,7 @@ class DreamCarryThreshold(Accept):
         rej = jnp.sum(picked & ~commit, axis=1).astype(jnp.int32)
         last = i_B >= st["total"] - 1
         st = {"base": jnp.where(last & (rej > 0), 0, st["base"]), "carry": rej,
-              "total": jnp.where(last, st["total"] + rej, st["total"])}
+              "total": jnp.where(last & (rej > 0), st["total"] + 1, st["total"])}
         return commit, st
 
     def block_done(self, st, ctx, i_B, no_mask_B):

@@ -1,0 +1,98 @@
+"""Synthetic tasks with exact answers: the training data and the evaluation testbed of the embedded default model.
+
+Every task is a seeded generator of `Example`s (prompt, answer, full target text). Each problem has a canonical key
+(its underlying numbers/structure, not its surface wording); a hash of the key puts it in the "train" or the
+"heldout" split, so the two splits are disjoint by construction. `score(task, generated_text, example)` is an exact
+match of the final answer.
+
+    >>> from dllm_jax import tasks
+    >>> ex = tasks.generate("arith", split="heldout", n=2, seed=0)[0]
+    >>> tasks.score("arith", ex.target, ex)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable
+
+import numpy as np
+
+from dllm_jax.tasks import arith, code, sort
+
+SPLITS = ("train", "heldout")
+HELDOUT_MOD = 10  # one problem key in HELDOUT_MOD goes to the held-out split
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str  # the user message (no chat template)
+    answer: str  # the exact final answer that `score` compares
+    target: str  # the full response the model is trained to write (worked chain / code / list)
+    key: str  # canonical problem key; its hash decides the split
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    description: str
+    make: Callable  # (np.random.Generator) -> (prompt, answer, target, key)
+    extract: Callable  # (generated text) -> the final answer string, or None
+    max_prompt_chars: int
+    max_target_chars: int
+
+
+TASKS: dict[str, Task] = {
+    m.NAME: Task(m.NAME, m.DESCRIPTION, m.make, m.extract, m.MAX_PROMPT_CHARS, m.MAX_TARGET_CHARS)
+    for m in (arith, code, sort)
+}
+
+
+def list_tasks() -> list[str]:
+    """Names of the tasks, in a fixed order."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {list_tasks()}")
+    return TASKS[name]
+
+
+def split_of(key: str) -> str:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return "heldout" if h % HELDOUT_MOD == 0 else "train"
+
+
+def sample(task: str, rng: np.random.Generator, split: str = "train") -> Example:
+    """Draw one example of `task` from `split` (rejection on the key hash)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    t = get_task(task)
+    while True:
+        prompt, answer, target, key = t.make(rng)
+        if split_of(f"{task}:{key}") == split:
+            return Example(task, prompt, answer, target, key)
+
+
+def generate(task: str, split: str = "train", n: int = 100, seed: int = 0) -> list[Example]:
+    """`n` examples of `task` from `split`, deterministic given `seed`."""
+    rng = np.random.default_rng([seed, list_tasks().index(task), SPLITS.index(split)])
+    return [sample(task, rng, split) for _ in range(n)]
+
+
+def strip_eos(text: str, eos: str = "<|eos|>") -> str:
+    i = text.find(eos)
+    return text if i < 0 else text[:i]
+
+
+def extract_answer(task: str, generated_text: str) -> str | None:
+    return get_task(task).extract(strip_eos(generated_text))
+
+
+def score(task: str, generated_text: str, example: Example) -> bool:
+    """Exact match of the final answer in `generated_text` (the decoded response) against `example.answer`."""
+    got = extract_answer(task, generated_text)
+    return got is not None and got == example.answer

@@ -1,0 +1,80 @@
+"""GSM8K-like arithmetic word problems: 2-4 worked steps (one equation a line) and a final `#### answer` line.
+
+    Ivy has 47 beads. She finds 38. She gets 3 bags of 6. She loses 29. How many now?
+    ->  47+38=85
+        3*6=18
+        85+18=103
+        103-29=74
+        #### 74
+
+Additions and subtractions of two-digit numbers (with carries and borrows), single-digit products; every running
+total stays in [0, 199].
+"""
+
+from __future__ import annotations
+
+import re
+
+NAME = "arith"
+DESCRIPTION = "arithmetic word problems, 2-4 worked steps, final '#### answer' line"
+MAX_PROMPT_CHARS = 110
+MAX_TARGET_CHARS = 56
+
+NAMES = [("Ann", "She"), ("Ben", "He"), ("Cal", "He"), ("Dee", "She"), ("Eve", "She"), ("Gus", "He"),
+         ("Ivy", "She"), ("Jo", "He"), ("Kim", "She"), ("Max", "He"), ("Ned", "He"), ("Pam", "She"),
+         ("Ray", "He"), ("Sam", "He"), ("Tia", "She"), ("Uma", "She")]
+ITEMS = ["pens", "cards", "eggs", "coins", "books", "shells", "stamps", "beads", "nuts", "toys"]
+ADD = ["buys {n} more", "finds {n}", "gets {n} more", "wins {n}"]
+SUB = ["gives away {n}", "loses {n}", "sells {n}", "drops {n}"]
+BOXES = ["bags", "boxes", "packs"]
+TOTAL_MAX = 199
+
+_ANSWER = re.compile(r"####\s*(-?\d+)")
+
+
+def make(rng):
+    name, pron = NAMES[rng.integers(len(NAMES))]
+    item = ITEMS[rng.integers(len(ITEMS))]
+    n_eq = int(rng.integers(2, 5))  # equations in the worked chain
+    total = int(rng.integers(10, 100))
+    sents = [f"{name} has {total} {item}."]
+    lines, key = [], [str(total)]
+    while len(lines) < n_eq:
+        left = n_eq - len(lines)
+        kind = rng.choice(["add", "sub", "mul"] if left >= 2 else ["add", "sub"])
+        if kind == "add" and total > TOTAL_MAX - 12:
+            kind = "sub"
+        if kind == "sub" and total < 12:
+            kind = "add"
+        if kind == "mul":
+            k, m = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+            if total + k * m > TOTAL_MAX:
+                kind = "sub"
+            else:
+                box = BOXES[rng.integers(len(BOXES))]
+                sents.append(f"{pron} gets {k} {box} of {m}.")
+                lines += [f"{k}*{m}={k * m}", f"{total}+{k * m}={total + k * m}"]
+                key.append(f"+{k}*{m}")
+                total += k * m
+                continue
+        if kind == "add":
+            n = int(rng.integers(2, min(99, TOTAL_MAX - total) + 1))
+            sents.append(f"{pron} {ADD[rng.integers(len(ADD))].format(n=n)}.")
+            lines.append(f"{total}+{n}={total + n}")
+            key.append(f"+{n}")
+            total += n
+        else:
+            n = int(rng.integers(2, min(99, total) + 1))
+            sents.append(f"{pron} {SUB[rng.integers(len(SUB))].format(n=n)}.")
+            lines.append(f"{total}-{n}={total - n}")
+            key.append(f"-{n}")
+            total -= n
+    sents.append("How many now?")
+    answer = str(total)
+    target = "\n".join(lines + [f"#### {answer}"])
+    return " ".join(sents), answer, target, "".join(key)
+
+
+def extract(text: str):
+    m = _ANSWER.findall(text)
+    return m[-1] if m else None

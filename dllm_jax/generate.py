@@ -75,6 +75,9 @@ def validate(model: Model, rows, gen_length: int, schedule: Schedule, prompt_len
     cfg = model.cfg
     if not isinstance(schedule, Schedule):
         raise ScheduleError(f"schedule must be a dllm_jax Schedule (see dllm_jax.presets), got {type(schedule).__name__}")
+    if schedule.gen_length is not None and schedule.gen_length != gen_length:
+        raise ScheduleError(f"the schedule was built for gen_length {schedule.gen_length}, but gen_length={gen_length} "
+                            "was requested; build the schedule with the same gen_length")
     if not rows or any(len(r) == 0 for r in rows):
         raise ScheduleError("every prompt must hold at least one token")
     if not isinstance(gen_length, (int, np.integer)) or gen_length <= 0:
@@ -129,7 +132,7 @@ def prepare(model: Model, prompt_ids, gen_length: int, schedule: Schedule, atten
 
 
 def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, attention_mask=None, seed=0,
-             bucket: bool = True, trace: bool = False) -> GenerateOutput:
+             bucket: bool = True, trace: bool = False, mesh=None) -> GenerateOutput:
     """Generate with one jitted program (a lax.while_loop over the whole denoising process).
 
     prompt_ids: a list of token lists (any lengths) or a [B, T] array (with `attention_mask` for left padding).
@@ -138,18 +141,24 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     seed a row's sampled output does not depend on the rest of the batch.
     """
     ctx, x, valid, positions, keys = prepare(model, prompt_ids, gen_length, schedule, attention_mask, bucket, seed)
+    params = model.params
+    if mesh is not None:
+        from dllm_jax import sharding
+
+        params, (x, valid, positions, keys) = sharding.place_for_generate(model, mesh, (x, valid, positions, keys))
     trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0
-    key = (model.cfg, schedule, ctx, trace_len, jax.tree.structure(model.params),
-           tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(model.params)))
+    key = (model.cfg, schedule, ctx, trace_len, jax.tree.structure(params),
+           tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(params)),
+           None if mesh is None else (tuple(mesh.axis_names), tuple(mesh.devices.shape)))
     t0 = time.perf_counter()
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _generate_jit.lower(model.params, x, valid, positions, keys, cfg=model.cfg, sched=schedule,
+        compiled = _generate_jit.lower(params, x, valid, positions, keys, cfg=model.cfg, sched=schedule,
                                        ctx=ctx, trace_len=trace_len).compile()
         _COMPILED[key] = compiled
         _STATS["compilations"] += 1
     t1 = time.perf_counter()
-    out = compiled(model.params, x, valid, positions, keys)
+    out = compiled(params, x, valid, positions, keys)
     out = jax.tree.map(np.asarray, jax.block_until_ready(out))
     t2 = time.perf_counter()
     seqs = out["x"]

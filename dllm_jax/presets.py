@@ -177,10 +177,109 @@ def fastdllm_dream_dual(gen_length, **kw):
     return _fastdllm_dream_block(True, gen_length, **kw)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Advanced block schedulers (DSB, AdaBlock-dLLM, BlockBatch): see docs/schedulers.md.
+
+def _need_threshold(threshold, factor, method):
+    if factor is not None:
+        raise PresetError(f"{method}: factor is not supported (the published setting is a threshold)")
+    if threshold is None:
+        raise PresetError(f"{method}: threshold must be set (the step-quota path of the official code is "
+                          "not reproduced: it indexes a global schedule out of range)")
+    if not (0.0 < threshold <= 1.0):
+        raise PresetError(f"threshold must lie in (0, 1], got {threshold}")
+    return Threshold(threshold=float(threshold))
+
+
+def _dream_alg(alg, method):
+    if alg != "confidence_threshold":
+        raise PresetError(f"{method}: only alg='confidence_threshold' is supported, got {alg!r} (the official "
+                          "cached sampler breaks for the other algs)")
+
+
+def _sliding(gen_length, block_length, max_block_length):
+    from dllm_jax.engine.dsb import SlidingWindow
+
+    if block_length is None or block_length <= 0:
+        raise PresetError(f"block_length must be > 0, got {block_length}")
+    if max_block_length is None or max_block_length == 0 or max_block_length < -1:
+        raise PresetError(f"max_block_length must be -1 (greedy) or > 0 (const.), got {max_block_length}")
+    return SlidingWindow(block_length=int(block_length), max_block_length=int(max_block_length))
+
+
+def dsb(gen_length, *, block_length=32, max_block_length=-1, threshold=0.9, factor=None, steps=None,
+        temperature=0.0, remasking="low_confidence", eos_early_stop=False, model_cfg=None):
+    """DSB `generate_dsb` (LLaDA, no cache): sliding window x threshold rule, one full forward per step.
+    max_block_length=-1: DSB (greedy); = block_length: DSB (const.). `steps` is unused with a threshold."""
+    if remasking != "low_confidence":
+        raise PresetError("dsb supports remasking='low_confidence' only")
+    return Schedule(window=_sliding(gen_length, block_length, max_block_length),
+                    accept=_need_threshold(threshold, factor, "dsb"),
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False),
+                    eos_early_stop=eos_early_stop, name="dsb")
+
+
+def dsb_cache(gen_length, *, block_length=32, max_block_length=-1, threshold=0.9, factor=None, steps=None,
+              prefix_window=24, suffix_window=0, suffix_commit_quirk=True, temperature=0.0,
+              remasking="low_confidence", eos_early_stop=False, model_cfg=None):
+    """DSB `generate_dsb_cache` (LLaDA, DSB Cache): refresh forward every >= block_length committed tokens, cached
+    window [s - max(jump, pwl), e + swl). suffix_commit_quirk=False corrects the suffix-window masking bug."""
+    from dllm_jax.engine.dsb import DSBCache
+
+    if remasking != "low_confidence":
+        raise PresetError("dsb_cache supports remasking='low_confidence' only")
+    if prefix_window is None or prefix_window < 0 or suffix_window is None or suffix_window < 0:
+        raise PresetError(f"prefix_window/suffix_window must be >= 0, got {prefix_window}/{suffix_window}")
+    cache = DSBCache(prefix_window=int(prefix_window), suffix_window=int(suffix_window),
+                     refresh_tokens=int(block_length), suffix_commit_quirk=bool(suffix_commit_quirk))
+    return Schedule(window=_sliding(gen_length, block_length, max_block_length),
+                    accept=_need_threshold(threshold, factor, "dsb_cache"), cache=cache,
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False),
+                    eos_early_stop=eos_early_stop, name="dsb_cache")
+
+
+def dsb_dream(gen_length, *, block_length=32, max_block_length=-1, threshold=0.9, alg="confidence_threshold",
+              steps=None, eps=1e-3, temperature=0.0, top_p=None, top_k=None, eos_early_stop=False, model_cfg=None):
+    """DSB Dream `_sample_dsb` (no cache): sliding window x threshold rule on the shifted logits."""
+    _dream_alg(alg, "dsb_dream")
+    return Schedule(window=_sliding(gen_length, block_length, max_block_length),
+                    accept=_need_threshold(threshold, None, "dsb_dream"),
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False, style="dream",
+                                         top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name="dsb_dream")
+
+
+def dsb_dream_cache(gen_length, *, block_length=32, max_block_length=-1, threshold=0.9, alg="confidence_threshold",
+                    prefix_window=4, steps=None, eps=1e-3, temperature=0.0, top_p=None, top_k=None,
+                    eos_early_stop=False, model_cfg=None):
+    """DSB Dream `_sample_dsb_cache`: each refresh forward commits only the window's first mask (greedy, no
+    threshold; counted as one committed token); cached windows [s - max(jump, pwl), e), no suffix window."""
+    from dllm_jax.engine.dsb import DSBCache
+
+    _dream_alg(alg, "dsb_dream_cache")
+    if prefix_window is None or prefix_window < 0:
+        raise PresetError(f"prefix_window must be >= 0, got {prefix_window}")
+    # Quirk kept: the shift is applied inside the cached window, so its first position uses its own logits row; with
+    # prefix_window >= 1 that position is always decoded (harmless), with 0 it can be the masked window start.
+    cache = DSBCache(prefix_window=int(prefix_window), suffix_window=0, refresh_tokens=int(block_length),
+                     refresh_commit="first")
+    return Schedule(window=_sliding(gen_length, block_length, max_block_length),
+                    accept=_need_threshold(threshold, None, "dsb_dream_cache"), cache=cache,
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False, style="dream",
+                                         top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name="dsb_dream_cache")
+
+
+_ADVANCED: dict[str, Callable[..., Schedule]] = {
+    "dsb": dsb, "dsb_cache": dsb_cache, "dsb_dream": dsb_dream, "dsb_dream_cache": dsb_dream_cache,
+}
+
+
 PRESETS: dict[str, Callable[..., Schedule]] = {
     "llada": llada, "vanilla": vanilla, "fastdllm": fastdllm, "fastdllm_prefix": fastdllm_prefix,
     "fastdllm_dual": fastdllm_dual, "dream": dream, "fastdllm_dream_threshold": fastdllm_dream_threshold,
     "fastdllm_dream_prefix": fastdllm_dream_prefix, "fastdllm_dream_dual": fastdllm_dream_dual,
+    **_ADVANCED,
 }
 
 
@@ -190,4 +289,4 @@ def make_schedule(name: str, gen_length: int, model_cfg: ModelConfig | None = No
         raise PresetError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
     if not isinstance(gen_length, int) or gen_length <= 0:
         raise PresetError(f"gen_length must be a positive integer, got {gen_length!r}")
-    return PRESETS[name](gen_length, model_cfg=model_cfg, **kw)
+    return PRESETS[name](gen_length, model_cfg=model_cfg, **kw).replace(gen_length=gen_length)

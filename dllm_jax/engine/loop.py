@@ -38,6 +38,7 @@ class Schedule:
     eos_early_stop: bool = False
     max_nfe: int | None = None  # safety bound on forwards (default: 4 * gen_length + 8)
     name: str = "custom"
+    gen_length: int | None = None  # set by presets: the generation length the schedule was built for
 
     def replace(self, **kw) -> "Schedule":
         return dataclasses.replace(self, **kw)
@@ -144,7 +145,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         did_full = need_full & active
 
         w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
-        cand = (x == ctx.mask_id) & in_range(pos, w["s"], w["e"]) & active[:, None]
+        c_lo, c_hi = cpol.cand_range(cs, ctx, w, did_full)
+        cand = (x == ctx.mask_id) & in_range(pos, c_lo, c_hi) & active[:, None]
         conf = jnp.where(cand, conf, -jnp.inf)
         commit, a_new = acc.select(a, ctx, conf, cand, i)
         if cpol.refresh_commit == "first":

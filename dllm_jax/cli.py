@@ -1,0 +1,179 @@
+"""`dllm-jax` command line: generate, convert, conformance, train, eval, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def default_model_path() -> str:
+    here = os.path.join(os.path.dirname(__file__), "assets", "default_model")
+    return here
+
+
+def _parse_value(v: str):
+    low = v.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def schedule_from_args(a, model_cfg):
+    from dllm_jax.presets import make_schedule
+
+    kw = {}
+    for name in ("steps", "block_length", "threshold", "factor", "temperature", "alg"):
+        v = getattr(a, name, None)
+        if v is not None:
+            kw[name] = v
+    for item in a.set or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        kw[k.strip()] = _parse_value(v.strip())
+    if a.eos_early_stop:
+        kw["eos_early_stop"] = True
+    try:
+        return make_schedule(a.schedule, a.gen_length, model_cfg, **kw)
+    except TypeError as e:
+        raise ValueError(f"preset {a.schedule!r} does not take these arguments ({e})") from None
+
+
+def _add_schedule_args(p):
+    p.add_argument("--schedule", default="vanilla", help="preset name (see `dllm-jax presets`)")
+    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--block-length", type=int)
+    p.add_argument("--threshold", type=float)
+    p.add_argument("--factor", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--alg")
+    p.add_argument("--eos-early-stop", action="store_true")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other preset argument")
+
+
+def parse_mesh(spec: str | None):
+    if not spec:
+        return None
+    from dllm_jax import sharding
+
+    return sharding.mesh_from_spec(spec)
+
+
+def cmd_generate(a) -> int:
+    import numpy as np
+
+    import dllm_jax
+    from dllm_jax.generate import generate
+
+    path = a.model or default_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path!r} not found (the embedded default model lives in "
+                                f"dllm_jax/assets/default_model; pass --model DIR for another checkpoint)")
+    mesh = parse_mesh(a.mesh)
+    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh, attention=a.attention)
+    tok = None
+    if a.ids is None:
+        if model.tokenizer_path is None:
+            raise ValueError(f"model {path!r} has no tokenizer: pass the prompt as token ids with --ids 1,2,3")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model.tokenizer_path)
+        prompts = a.prompt or []
+        if not prompts:
+            raise ValueError("give a prompt: dllm-jax generate \"your question\"")
+        rows = []
+        for p in prompts:
+            if not a.no_chat and getattr(tok, "chat_template", None):
+                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                              tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "keys"):
+                    ids = ids["input_ids"]
+            else:
+                ids = tok(p, add_special_tokens=False)["input_ids"]
+            rows.append(list(ids))
+    else:
+        try:
+            rows = [[int(t) for t in a.ids.split(",") if t.strip()]]
+        except ValueError:
+            raise ValueError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
+    sched = schedule_from_args(a, model.cfg)
+    out = generate(model, rows, gen_length=a.gen_length, schedule=sched, seed=a.seed, mesh=mesh)
+    for b in range(len(rows)):
+        gen = out.generated[b][: int(out.gen_lengths[b])]
+        if tok is not None:
+            text = tok.decode([int(t) for t in gen if t != model.cfg.mask_token_id], skip_special_tokens=True)
+            print(text)
+        else:
+            print(" ".join(str(int(t)) for t in out.generated[b]))
+    n_tok = int(np.sum(out.gen_lengths))
+    print(f"[{sched.name}] NFE {out.nfe.tolist()}  generated {n_tok} tokens  run {out.run_time_s:.3f}s "
+          f"({n_tok / max(out.run_time_s, 1e-9):.1f} tok/s)  compile {out.compile_time_s:.2f}s", file=sys.stderr)
+    return 0
+
+
+def cmd_presets(a) -> int:
+    from dllm_jax.presets import PRESETS
+
+    for name, fn in sorted(PRESETS.items()):
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        print(f"{name:28s} {doc}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dllm-jax", description="Diffusion-LLM inference in JAX")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text (default: the embedded model)")
+    g.add_argument("prompt", nargs="*")
+    g.add_argument("--model", help="HF or converted checkpoint directory (default: embedded model)")
+    g.add_argument("--ids", help="prompt as comma-separated token ids (for checkpoints without a tokenizer)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--attention", default="reference", help="reference | pallas_tpu | pallas_gpu | auto")
+    g.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    _add_schedule_args(g)
+    g.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("presets", help="list the schedule presets")
+    p.set_defaults(fn=cmd_presets)
+
+    for name, mod, help_ in (("convert", "convert.hf_to_flax", "convert an HF checkpoint to the dllm-jax format"),
+                             ("conformance", "dllm_jax.conformance", "run golden-format cases"),
+                             ("train", "dllm_jax.train", "train the embedded default model"),
+                             ("eval", "dllm_jax.evaluate", "evaluate schedules on the task suite"),
+                             ("bench", "dllm_jax.bench", "efficiency benchmark")):
+        sp = sub.add_parser(name, help=help_, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(fn=None, module=mod)
+
+    a = ap.parse_args(argv)
+    if a.fn is None:
+        import importlib
+
+        try:
+            mod = importlib.import_module(a.module)
+        except ImportError as e:
+            print(f"error: `dllm-jax {a.cmd}` is not available ({e})", file=sys.stderr)
+            return 2
+        return int(mod.main(a.rest) or 0)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -137,9 +137,12 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
                 kvm = jax.tree.map(lambda a, b: jnp.where(need_full[None, :, None, None, None], a, b), kvf, kvw)
                 return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm
 
-            live_full = need_full | ~active
-            branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
-            x0, conf, kv = jax.lax.switch(branch, [window, full, mixed])
+            if B == 1:  # a single row never mixes: skip compiling the mixed branch
+                x0, conf, kv = jax.lax.cond(need_full[0], full, window)
+            else:
+                live_full = need_full | ~active
+                branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
+                x0, conf, kv = jax.lax.switch(branch, [window, full, mixed])
         else:
             x0, conf, _ = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step)
         did_full = need_full & active

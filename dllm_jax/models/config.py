@@ -35,6 +35,7 @@ class ModelConfig:
     block_causal: int = 0
     # Attention implementation name, resolved by pallas_kernels.block_attention.api.
     attention_impl: str = "reference"
+    attention_interpret: bool = False  # run a Pallas kernel in the interpreter (CPU testing)
     extra: tuple = ()  # (key, value) pairs kept for round trips (e.g. bos/eot ids)
 
     def replace(self, **kw) -> "ModelConfig":

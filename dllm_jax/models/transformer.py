@@ -70,7 +70,7 @@ def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpre
     k = apply_rope(k_all, cos_k, sin_k)
     return attn_api.block_attention(
         q, k, v_all, key_valid_BxS, q_index, block_size=cfg.block_causal,
-        implementation=cfg.attention_impl, interpret=interpret)
+        implementation=cfg.attention_impl, interpret=interpret or cfg.attention_interpret)
 
 
 def _head(params, cfg, x):

@@ -1,0 +1,28 @@
+"""End to end: generate with each Pallas kernel (interpret mode) gives the reference's tokens on golden checkpoints."""
+
+import json
+
+import pytest
+
+from dllm_jax.conformance import run_cases
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("fam,fname,case_id", [
+    ("llada", "fastdllm_llada.json", "fastdllm_generate_with_dual_cache_g32_bl8_s32_th0.9"),
+    ("dream", "fastdllm_dream.json", "fastdllm_dream_prefixcache_confidence_threshold_g32_bl8_s32_th0.5"),
+])
+def test_generate_with_kernel_matches_golden(fixtures, llada_model, dream_model, impl, fam, fname, case_id):
+    model = {"llada": llada_model, "dream": dream_model}[fam].with_attention(impl, interpret=True)
+    case = next(c for c in json.loads((fixtures / fname).read_text())["cases"] if c["id"] == case_id)
+    res = run_cases(model, [case])[0]
+    assert res["output"] == case["output"] and res["nfe"] == case["nfe_counted"]
+
+
+def test_named_kernel_unavailable_on_cpu_is_a_clear_error(llada_model):
+    from pallas_kernels.block_attention.api import KernelUnavailableError
+
+    with pytest.raises(KernelUnavailableError, match="needs a"):
+        llada_model.with_attention("pallas_gpu")
+    with pytest.raises(ValueError, match="unknown attention implementation"):
+        llada_model.with_attention("flash3")

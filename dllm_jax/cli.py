@@ -66,7 +66,12 @@ def parse_mesh(spec: str | None):
         return None
     from dllm_jax import sharding
 
-    return sharding.mesh_from_spec(spec)
+    mesh = sharding.mesh_from_spec(spec, allow_subset=True)
+    import jax
+
+    if mesh.size < len(jax.devices()):
+        print(f"[mesh] {spec}: using {mesh.size} of {len(jax.devices())} devices", file=sys.stderr)
+    return mesh
 
 
 def cmd_generate(a) -> int:

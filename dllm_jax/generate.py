@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -104,9 +103,25 @@ def validate(model: Model, rows, gen_length: int, schedule: Schedule, prompt_len
     return ctx
 
 
-@partial(jax.jit, static_argnames=("cfg", "sched", "ctx", "trace_len"))
-def _generate_jit(params, x, key_valid, positions, keys, *, cfg, sched, ctx, trace_len):
-    return run(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len)
+_STATIC = ("cfg", "sched", "ctx", "trace_len", "kv_sharding")
+
+
+def _generate_impl(params, x, key_valid, positions, keys, *, cfg, sched, ctx, trace_len, kv_sharding=None):
+    return run(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len, kv_sharding=kv_sharding)
+
+
+_generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
+
+
+def _generate_jit_sharded(in_shardings, out_shardings, **static):
+    """The same program for a mesh, with explicit in/out shardings (dllm_jax.sharding.generate_shardings).
+
+    jit takes no keyword arguments once in_shardings is given, so the static arguments are bound here (one jit
+    object per compiled program; `generate` caches the compiled result)."""
+    def fn(params, x, key_valid, positions, keys):
+        return _generate_impl(params, x, key_valid, positions, keys, **static)
+
+    return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
 def prepare(model: Model, prompt_ids, gen_length: int, schedule: Schedule, attention_mask=None, bucket=True,
@@ -142,19 +157,27 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     """
     ctx, x, valid, positions, keys = prepare(model, prompt_ids, gen_length, schedule, attention_mask, bucket, seed)
     params = model.params
+    trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0
+    kv_sh = None
     if mesh is not None:
         from dllm_jax import sharding
 
         params, (x, valid, positions, keys) = sharding.place_for_generate(model, mesh, (x, valid, positions, keys))
-    trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0
+        kv_sh = sharding.kv_sharding(model.cfg, mesh, ctx.batch, ctx.total_len) if schedule.cache.has_cache else None
     key = (model.cfg, schedule, ctx, trace_len, jax.tree.structure(params),
            tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(params)),
-           None if mesh is None else (tuple(mesh.axis_names), tuple(mesh.devices.shape)))
+           mesh)  # a jax Mesh is hashable (axis names, shape and device ids)
     t0 = time.perf_counter()
     compiled = _COMPILED.get(key)
     if compiled is None:
-        compiled = _generate_jit.lower(params, x, valid, positions, keys, cfg=model.cfg, sched=schedule,
-                                       ctx=ctx, trace_len=trace_len).compile()
+        static = dict(cfg=model.cfg, sched=schedule, ctx=ctx, trace_len=trace_len)
+        if mesh is None:
+            lowered = _generate_jit.lower(params, x, valid, positions, keys, **static)
+        else:
+            in_sh, out_sh = sharding.generate_shardings(model, mesh, ctx.batch, trace_len)
+            lowered = _generate_jit_sharded(in_sh, out_sh, kv_sharding=kv_sh, **static).lower(
+                params, x, valid, positions, keys)
+        compiled = lowered.compile()
         _COMPILED[key] = compiled
         _STATS["compilations"] += 1
     t1 = time.perf_counter()

@@ -78,9 +78,16 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
     return x0, conf, cache
 
 
-def init_cache(cfg: ModelConfig, ctx: Ctx, dtype):
+def init_cache(cfg: ModelConfig, ctx: Ctx, dtype, sharding=None):
     shape = (cfg.n_layers, ctx.batch, ctx.total_len, cfg.n_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return constrain_cache({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}, sharding)
+
+
+def constrain_cache(kv, sharding=None):
+    """Pin the KV cache to `sharding` (see dllm_jax.sharding.kv_sharding) on a mesh; a no-op on one device."""
+    if sharding is None:
+        return kv
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), kv)
 
 
 def _eos_stop(ctx: Ctx, x, active):
@@ -95,8 +102,10 @@ def _eos_stop(ctx: Ctx, x, active):
 
 
 def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys,
-              trace_len: int = 0):
-    """Build (carry, cond, body) of the denoising loop; `run` hands them to `lax.while_loop`."""
+              trace_len: int = 0, kv_sharding=None):
+    """Build (carry, cond, body) of the denoising loop; `run` hands them to `lax.while_loop`.
+
+    kv_sharding: a NamedSharding for the KV-cache arrays when running on a mesh (None: no constraint)."""
     win, acc, cpol = sched.window, sched.accept, sched.cache
     B, L = ctx.batch, ctx.total_len
     pos = iota_BxL(ctx)
@@ -111,7 +120,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         "active": jnp.ones((B,), bool), "it": jnp.zeros((), jnp.int32),
     }
     if cpol.has_cache:
-        carry["kv"] = init_cache(cfg, ctx, params["embed"].dtype)
+        carry["kv"] = init_cache(cfg, ctx, params["embed"].dtype, kv_sharding)
     if trace_len:
         carry["trace"] = {"full": jnp.zeros((trace_len, B), bool), "s": jnp.zeros((trace_len, B), jnp.int32),
                           "e": jnp.zeros((trace_len, B), jnp.int32), "n": jnp.zeros((trace_len, B), jnp.int32)}
@@ -182,7 +191,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
 
         out = {**c, "x": x, "w": w, "a": a, "c": cs, "i": i, "nfe": nfe, "active": active, "it": c["it"] + 1}
         if cpol.has_cache:
-            out["kv"] = kv
+            out["kv"] = constrain_cache(kv, kv_sharding)
         if trace_len:
             t = c["trace"]
             k = jnp.minimum(step, trace_len - 1)
@@ -200,11 +209,12 @@ def results(c):
     return res
 
 
-def run(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, trace_len: int = 0):
+def run(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, trace_len: int = 0,
+        kv_sharding=None):
     """The whole generation as one `lax.while_loop` (call under jit with cfg/sched/ctx/trace_len static).
 
     Returns a dict: x (final canvas), nfe [B], steps (loop iterations), unfinished [B], and when trace_len > 0 a
     per-forward trace (full flag, window s/e, committed count per row) of the first trace_len forwards.
     """
-    carry, cond, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len)
+    carry, cond, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len, kv_sharding)
     return results(jax.lax.while_loop(cond, body, carry))

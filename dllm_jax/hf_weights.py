@@ -1,13 +1,18 @@
 """Read Hugging Face safetensors checkpoints (single file or sharded with an index) into the params pytree.
 
-Streams one shard at a time: each tensor is mapped (name table of the model family), transposed to the Flax
-[in, out] layout, cast, and placed into preallocated stacked per-layer host buffers; no whole second copy of the
-model is ever held. Every expected tensor must be present with the expected shape and no tensor may be left over.
+Streams one tensor at a time: every shard header is parsed and validated first (`plan_checkpoint`: names, shapes,
+dtypes, file sizes -- a bad checkpoint fails before any weight is read), then each tensor is read with a plain
+`readinto` (no mmap, so the shard itself is never resident), mapped through the model family's name table,
+transposed to the Flax [in, out] layout and cast straight into preallocated stacked per-layer host buffers of the
+target dtype. Peak host memory is therefore about the output buffers plus the largest single tensor; no second copy
+of the model is ever held. Every expected tensor must be present with the expected shape and none may be left over.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 from typing import Callable, Iterator
@@ -23,17 +28,32 @@ class CheckpointError(ValueError):
     """The checkpoint on disk is not what the model expects."""
 
 
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+def _st_dtypes() -> dict:
+    import ml_dtypes
+
+    return {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+            "F64": np.dtype("<f8"), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"),
+            "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype tag, e.g. "BF16"
+    shape: tuple
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
 def shard_files(path: str) -> list[str]:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint path {path!r} does not exist or is not a directory")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
-        files = sorted(set(wm.values()))
+        files = sorted(set(_index_weight_map(index).values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
             raise CheckpointError(f"{index} names shard(s) that do not exist: {missing}")
@@ -44,60 +64,132 @@ def shard_files(path: str) -> list[str]:
     return [os.path.join(path, f) for f in files]
 
 
-def _iter_shard(fname: str) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
-
+def _index_weight_map(index: str) -> dict:
     try:
-        with safe_open(fname, framework="numpy") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot read {fname}: truncated or corrupt safetensors file ({e})") from None
-    except Exception as e:  # noqa: BLE001 - safetensors raises assorted errors (e.g. bf16 via numpy)
-        if "bfloat16" in str(e) or "bf16" in str(e).lower():
-            yield from _iter_shard_bf16(fname)
-        else:
-            raise CheckpointError(f"cannot read {fname}: {type(e).__name__}: {e}") from None
+        with open(index) as f:
+            wm = json.load(f)["weight_map"]
+        if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+            raise TypeError("'weight_map' must map tensor names to file names")
+        return wm
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
 
 
-def _iter_shard_bf16(fname: str) -> Iterator[tuple[str, np.ndarray]]:
-    """numpy has no bfloat16: read raw bytes and view them as ml_dtypes.bfloat16."""
-    import ml_dtypes
+def read_header(fname: str) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header against the file size. Raises CheckpointError when the file is
+    truncated or corrupt, or holds a dtype this reader does not know."""
+    dtypes = _st_dtypes()
+    bad = f"cannot read {fname}:"
+    try:
+        size = os.path.getsize(fname)
+        with open(fname, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{bad} truncated safetensors file ({size} bytes, no header)")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{bad} truncated or corrupt safetensors file (header length {n} but the file "
+                                      f"is {size} bytes)")
+            raw = f.read(n)
+        header = json.loads(raw)
+    except OSError as e:
+        raise CheckpointError(f"{bad} {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{bad} corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{bad} corrupt safetensors header (not a JSON object)")
+    base, data_len = 8 + n, size - 8 - n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tag, shape, (a, b) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+            a, b = int(a), int(b)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{bad} corrupt safetensors header entry for {name!r} ({e!r})") from None
+        if tag not in dtypes:
+            raise CheckpointError(f"{bad} tensor {name} has dtype {tag!r}, which is not supported "
+                                  f"(supported: {sorted(dtypes)})")
+        want = math.prod(shape) * dtypes[tag].itemsize
+        if a < 0 or b < a or b - a != want or any(s < 0 for s in shape):
+            raise CheckpointError(f"{bad} corrupt safetensors header: tensor {name} {tag}{list(shape)} has data "
+                                  f"offsets [{a}, {b}] ({want} bytes expected)")
+        if b > data_len:
+            raise CheckpointError(f"{bad} truncated safetensors file: tensor {name} ends at byte {base + b} but the "
+                                  f"file is {size} bytes")
+        out[name] = TensorInfo(name, tag, shape, base + a, b - a)
+    return out
 
-    dtypes = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
+
+def _read_tensor(f, info: TensorInfo, fname: str) -> np.ndarray:
+    arr = np.empty(info.shape, _st_dtypes()[info.dtype])
+    f.seek(info.start)
+    view = memoryview(arr.reshape(-1).view(np.uint8)) if info.nbytes else memoryview(b"")
+    got = 0
+    while got < info.nbytes:
+        k = f.readinto(view[got:])
+        if not k:
+            raise CheckpointError(f"cannot read {fname}: truncated safetensors file (tensor {info.name} ends early)")
+        got += k
+    return arr
+
+
+def _iter_shard(fname: str, header: dict[str, TensorInfo] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) for every tensor of one safetensors file, in file order, one tensor in memory at a time.
+    Handles every safetensors dtype including BF16 (as ml_dtypes.bfloat16); a truncated or corrupt file raises
+    CheckpointError (before the first tensor when the header already shows it)."""
+    if header is None:
+        header = read_header(fname)
     try:
         with open(fname, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-            base = 8 + n
-            for name, meta in header.items():
-                if name == "__metadata__":
-                    continue
-                a, b = meta["data_offsets"]
-                f.seek(base + a)
-                buf = f.read(b - a)
-                if len(buf) != b - a:
-                    raise CheckpointError(f"cannot read {fname}: truncated safetensors file (tensor {name})")
-                yield name, np.frombuffer(buf, dtype=dtypes[meta["dtype"]]).reshape(meta["shape"])
-    except (json.JSONDecodeError, KeyError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {fname}: corrupt safetensors header ({e})") from None
+            for info in sorted(header.values(), key=lambda t: t.start):
+                yield info.name, _read_tensor(f, info, fname)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {fname}: {e}") from None
+
+
+_iter_shard_bf16 = _iter_shard  # the reader above handles bf16 natively; old name kept
 
 
 def expected_shapes(cfg: ModelConfig) -> dict:
     return param_shapes(cfg)
 
 
-def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
-                   on_shard: Callable[[str], None] | None = None) -> dict:
-    """Map every tensor of an HF checkpoint into a params pytree of numpy arrays (dtype `dtype`)."""
+@dataclasses.dataclass
+class CheckpointPlan:
+    """What a checkpoint holds and where every tensor goes; built from the headers only."""
+
+    shards: list[tuple[str, dict[str, TensorInfo]]]  # (file, header) in read order
+    dest: dict[str, tuple]  # HF name -> (params key, layer index or None, transpose?)
+    source_dtypes: set[str]  # safetensors dtype tags of the mapped tensors
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(len(h) for _, h in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for _, h in self.shards for t in h.values())
+
+
+def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
+    """Validate a checkpoint against `cfg` from its headers alone: every shard readable and complete, every name
+    known, every shape right, nothing missing, duplicated or left over. Raises CheckpointError."""
     table = [(re.compile(rx + r"\Z"), dst, tr) for rx, dst, tr in FAMILIES[cfg.family].WEIGHT_TABLE]
     shapes = expected_shapes(cfg)
-    out: dict = {"layers": {}}
-    seen: set[tuple] = set()
-    extra: list[str] = []
-    for fname in shard_files(path):
-        for name, arr in _iter_shard(fname):
+    files = shard_files(path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    wm = _index_weight_map(index) if os.path.isfile(index) else None
+    shards, dest, where, extra, src_dtypes, filled = [], {}, {}, [], set(), set()
+    for fname in files:
+        header = read_header(fname)
+        shards.append((fname, header))
+        for name, info in header.items():
+            base = os.path.basename(fname)
+            if name in where:
+                raise CheckpointError(f"tensor {name} appears twice in the checkpoint ({where[name]} and {base})")
+            where[name] = base
             for rx, dst, tr in table:
                 m = rx.match(name)
                 if m:
@@ -110,39 +202,31 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
                 if dst[1] not in shapes["layers"] or li >= cfg.n_layers:
                     extra.append(name)
                     continue
-                full = shapes["layers"][dst[1]]
-                want = full[1:]
+                want = shapes["layers"][dst[1]][1:]
                 key = (dst[1], li)
             else:
                 want = shapes[dst[0]]
-                key = (dst[0],)
-            got = arr.T if tr else arr
-            if tuple(got.shape) != tuple(want):
-                hf_want = tuple(reversed(want)) if tr else tuple(want)
-                raise CheckpointError(
-                    f"tensor {name} in {os.path.basename(fname)} has shape {tuple(arr.shape)}, expected {hf_want} "
-                    f"for this config")
-            if key in seen:
-                raise CheckpointError(f"tensor {name} appears twice in the checkpoint")
-            seen.add(key)
-            if dst[0] == "layers":
-                buf = out["layers"].get(dst[1])
-                if buf is None:
-                    buf = out["layers"][dst[1]] = np.empty(full, dtype)
-                buf[li] = got.astype(dtype)
-            else:
-                out[dst[0]] = np.ascontiguousarray(got.astype(dtype))
-            del arr, got
-        if on_shard:
-            on_shard(fname)
+                key = (dst[0], None)
+            hf_want = tuple(reversed(want)) if tr else tuple(want)
+            if tuple(info.shape) != hf_want:
+                raise CheckpointError(f"tensor {name} in {base} has shape {tuple(info.shape)}, expected {hf_want} "
+                                      f"for this config")
+            if key in filled:
+                raise CheckpointError(f"tensor {name} in {base} maps to a params leaf already filled "
+                                      f"({key[0]}{'' if key[1] is None else f'[{key[1]}]'})")
+            dest[name] = key + (tr,)
+            filled.add(key)
+            src_dtypes.add(info.dtype)
+    if wm is not None:
+        wrong = [n for n, fn in wm.items() if where.get(n) != os.path.basename(fn)]
+        if wrong:
+            raise CheckpointError(f"{index} does not match its shards: {len(wrong)} tensor(s) are not where the index "
+                                  f"says, e.g. {wrong[:4]}")
     missing = []
     for k, v in shapes.items():
         if k == "layers":
-            for lk in v:
-                for li in range(cfg.n_layers):
-                    if (lk, li) not in seen:
-                        missing.append(f"layers.{lk}[{li}]")
-        elif (k,) not in seen:
+            missing += [f"layers.{lk}[{li}]" for lk in v for li in range(cfg.n_layers) if (lk, li) not in filled]
+        elif (k, None) not in filled:
             missing.append(k)
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is missing {len(missing)} tensor(s) the config needs: "
@@ -150,4 +234,41 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
     if extra:
         raise CheckpointError(f"checkpoint {path!r} has {len(extra)} unexpected tensor(s) for a {cfg.family} model: "
                               f"{extra[:8]}{' ...' if len(extra) > 8 else ''}")
+    return CheckpointPlan(shards, dest, src_dtypes)
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.empty with a 64-byte aligned buffer, so that jax.device_put on CPU can adopt it without a copy."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dtype).reshape(shape)
+
+
+def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
+                   on_shard: Callable[[str], None] | None = None,
+                   on_tensor: Callable[[str, str], None] | None = None,
+                   plan: CheckpointPlan | None = None) -> dict:
+    """Map every tensor of an HF checkpoint into a params pytree of numpy arrays (dtype `dtype`).
+
+    The output buffers are allocated up front in `dtype`; each tensor is read, transposed and cast directly into
+    its slot, then dropped. `on_tensor(file, name)` runs after each tensor, `on_shard(file)` after each file."""
+    if plan is None:
+        plan = plan_checkpoint(path, cfg)
+    shapes = expected_shapes(cfg)
+    out: dict = {"layers": {k: _aligned_empty(s, dtype) for k, s in shapes["layers"].items()}}
+    for k, s in shapes.items():
+        if k != "layers":
+            out[k] = _aligned_empty(s, dtype)
+    for fname, header in plan.shards:
+        for name, arr in _iter_shard(fname, header):
+            key, li, tr = plan.dest[name]
+            slot = out[key] if li is None else out["layers"][key][li]
+            slot[...] = arr.T if tr else arr  # one strided copy + cast into the final buffer
+            del arr
+            if on_tensor:
+                on_tensor(fname, name)
+        if on_shard:
+            on_shard(fname)
     return out

@@ -1,0 +1,1 @@
+"""Offline checkpoint converters (`python -m convert.hf_to_flax SRC DST`, also `dllm-jax convert`)."""

@@ -1,0 +1,297 @@
+"""Convert a Hugging Face LLaDA / Dream checkpoint into the dllm-jax converted format.
+
+    python -m convert.hf_to_flax SRC DST [--dtype bfloat16|float32] [--overwrite] [--no-progress]
+
+SRC is an HF checkpoint directory (config.json + model.safetensors, or shards + model.safetensors.index.json).
+DST receives `dllm_jax_config.json` + an orbax `params/` directory (see dllm_jax.checkpoint) plus the tokenizer
+files found in SRC. The conversion streams one tensor at a time (dllm_jax.hf_weights): the output buffers are
+preallocated in the target dtype and filled per shard, so peak host memory is about the converted model plus the
+largest single tensor (docs/converter.md has the measurement).
+
+Everything is written into a temp directory beside DST and renamed into place at the very end; on any error the
+temp directory is removed and nothing is left at DST (with --overwrite an existing DST is replaced only after
+success). Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import sys
+import tempfile
+
+# Files copied verbatim from SRC when present (tokenizer, generation defaults, chat templates).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "qwen.tiktoken",
+    "generation_config.json", "chat_template.json", "chat_template.jinja",
+)
+TOKENIZER_GLOBS = ("tokenization_*.py", "*.tiktoken", "*.jinja")
+TOKENIZER_DIRS = ("additional_chat_templates",)
+
+SAVE_CHUNK_BYTES = 16 << 20  # zarr chunk size of the written params (see save_params_bounded)
+
+DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "auto": "auto"}
+
+PROG = "python -m convert.hf_to_flax"
+
+
+class ConvertError(Exception):
+    """A user-facing conversion error (bad arguments or paths)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 decided by main(), no SystemExit
+        raise ConvertError(f"{message} (usage: {self.prog} SRC DST [--dtype bfloat16|float32] [--overwrite]; "
+                           f"see --help)")
+
+
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Convert a Hugging Face LLaDA/Dream safetensors checkpoint to the dllm-jax "
+                                       "format (orbax params + dllm_jax_config.json + tokenizer files).")
+    p.add_argument("src", metavar="SRC", help="HF checkpoint directory (config.json + *.safetensors)")
+    p.add_argument("dst", metavar="DST", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), metavar="{bfloat16,float32}",
+                   help="stored parameter dtype; default: that of the source weights (bfloat16 if they are all bf16, "
+                        "else float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once conversion succeeded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _is_within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _makedirs(parent: str) -> list[str]:
+    """Create missing ancestors of the output; return the ones created (deepest last) so they can be undone."""
+    created = []
+    p = parent
+    while not os.path.exists(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    for d in reversed(created):
+        try:
+            os.mkdir(d)
+        except OSError as e:
+            _undo_makedirs(created[created.index(d) + 1:])
+            raise ConvertError(f"cannot create output directory {d}: {e.strerror or e}") from None
+    return list(reversed(created))
+
+
+def _undo_makedirs(created: list[str]) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for pat in TOKENIZER_GLOBS:
+        names += [os.path.basename(f) for f in glob.glob(os.path.join(src, pat)) if os.path.isfile(f)]
+    names = sorted(set(names))
+    for n in names:
+        shutil.copy2(os.path.join(src, n), os.path.join(dst, n))
+    for d in TOKENIZER_DIRS:
+        if os.path.isdir(os.path.join(src, d)):
+            shutil.copytree(os.path.join(src, d), os.path.join(dst, d))
+            names.append(d + "/")
+    return names
+
+
+def _to_jax_arrays(tree: dict) -> None:
+    """Replace numpy leaves by CPU jax arrays in place, one leaf at a time (device_put adopts the 64-byte aligned
+    buffers from hf_weights without copying), so the saved checkpoint restores as jax arrays."""
+    import jax
+
+    cpu = jax.devices("cpu")[0]
+    for k in list(tree):
+        if isinstance(tree[k], dict):
+            _to_jax_arrays(tree[k])
+        else:
+            tree[k] = jax.device_put(tree[k], cpu)
+
+
+def save_params_bounded(dst: str, params: dict) -> None:
+    """dllm_jax.checkpoint.save_params with orbax's in-flight write bytes capped at the largest leaf.
+
+    Same handler and on-disk format as `save_params` (StandardCheckpointHandler -> `params/`), but tensorstore
+    holds the encoded bytes of every write in flight and weights hardly compress, so orbax's default cap (96 GB)
+    lets the save buffer a second copy of the whole model. A cap just above the largest leaf (orbax needs every
+    single write to fit) keeps the save's extra memory to one or two leaves; 16 MiB zarr chunks trim the encode
+    buffers further (measured ~20% less) and let a sharded restore read only the chunks it needs. The chunking
+    is recorded in the zarr metadata, so `restore_converted` reads it like any other orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    largest = max(a.size * a.dtype.itemsize for a in _leaves(params))
+    handler = ocp.StandardCheckpointHandler(save_concurrent_gb=(largest + (1 << 20)) / 1e9)
+    ckptr = ocp.Checkpointer(handler)
+    try:
+        save_args = _map_leaves(params, lambda a: ocp.SaveArgs(chunk_byte_size=SAVE_CHUNK_BYTES))
+        ckptr.save(os.path.abspath(os.path.join(dst, "params")),
+                   args=ocp.args.StandardSave(params, save_args=save_args))
+    finally:
+        ckptr.close()
+
+
+def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
+            log=None) -> dict:
+    """Convert SRC (HF) into DST (dllm-jax format). Returns a summary dict. Raises ConvertError, ConfigError or
+    CheckpointError for bad inputs; never leaves a partial DST or temp directory behind."""
+    from dllm_jax.hf_weights import load_hf_params, plan_checkpoint
+    from dllm_jax.models.config import config_from_hf, read_hf_config
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if dtype not in DTYPES:
+        raise ConvertError(f"invalid --dtype {dtype!r}; choose bfloat16 or float32")
+    src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
+    if not os.path.exists(src_abs):
+        raise ConvertError(f"source checkpoint {src!r} does not exist")
+    if not os.path.isdir(src_abs):
+        raise ConvertError(f"source checkpoint {src!r} is not a directory")
+    if os.path.lexists(dst_abs) and not overwrite:
+        raise ConvertError(f"output {dst!r} already exists; pass --overwrite to replace it")
+    if _is_within(os.path.realpath(src_abs), os.path.realpath(dst_abs)):
+        raise ConvertError(f"output {dst!r} would replace the source checkpoint {src!r}")
+
+    hf = read_hf_config(src_abs)
+    cfg = config_from_hf(hf, where=os.path.join(src_abs, "config.json"))
+    plan = plan_checkpoint(src_abs, cfg)  # all headers validated: bad checkpoints fail before anything is written
+    dtype_name = DTYPES[dtype]
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if plan.source_dtypes == {"BF16"} else "float32"
+    import ml_dtypes
+    import numpy as np
+
+    np_dtype = np.float32 if dtype_name == "float32" else ml_dtypes.bfloat16
+
+    parent = os.path.dirname(dst_abs)
+    created = _makedirs(parent)
+    tmp = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_abs)}.tmp-", dir=parent)
+        log(f"converting {cfg.family} checkpoint {src} ({len(plan.shards)} shard(s), {plan.n_tensors} tensors, "
+            f"{_fmt_bytes(plan.total_bytes)}, source dtype {'/'.join(sorted(plan.source_dtypes))}) -> {dst} "
+            f"[{dtype_name}]")
+        from tqdm import tqdm
+
+        with tqdm(total=plan.n_tensors, unit="tensor", file=sys.stderr, disable=not progress, dynamic_ncols=True,
+                  desc="reading") as bar:
+            shard_no = {f: i + 1 for i, (f, _) in enumerate(plan.shards)}
+
+            def on_tensor(fname, name):
+                bar.set_description(f"shard {shard_no[fname]}/{len(plan.shards)}", refresh=False)
+                bar.update(1)
+
+            params = load_hf_params(src_abs, cfg, dtype=np_dtype, on_tensor=on_tensor, plan=plan)
+        n_params = sum(int(np.prod(a.shape)) for a in _leaves(params))
+        _to_jax_arrays(params)
+        log(f"writing orbax checkpoint ({n_params:,} parameters, {_fmt_bytes(n_params * np.dtype(np_dtype).itemsize)})")
+        from dllm_jax.checkpoint import write_config
+
+        save_params_bounded(tmp, params)
+        del params
+        write_config(tmp, cfg, dtype_name, converter="convert.hf_to_flax",
+                     source={"path": src_abs, "model_type": hf.get("model_type"),
+                             "dtypes": sorted(plan.source_dtypes), "shards": len(plan.shards)},
+                     hf_config=hf)
+        copied = copy_tokenizer_files(src_abs, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _replace(tmp, dst_abs)
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _undo_makedirs(created)
+        raise
+    return {"src": src_abs, "dst": dst_abs, "family": cfg.family, "dtype": dtype_name, "n_params": n_params,
+            "shards": len(plan.shards), "tokenizer_files": copied}
+
+
+def _leaves(tree):
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def _map_leaves(tree, fn):
+    return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+
+
+def _replace(tmp: str, dst: str) -> None:
+    """Move the finished temp dir to dst; an existing dst (only there with --overwrite) is swapped out first and
+    deleted only after the new one is in place."""
+    old = None
+    if os.path.lexists(dst):
+        old = tempfile.mktemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
+        os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        if old is not None:
+            os.rename(old, dst)
+        raise
+    if old is not None:
+        _remove(old)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
+    if prog is None:
+        prog = "dllm-jax convert" if os.path.basename(sys.argv[0] or "") == "dllm-jax" else PROG
+    if "jax" not in sys.modules:  # the converter needs no accelerator: do not grab one
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    parser = build_parser(prog)
+    err = f"{prog}: error:"
+    try:
+        args = parser.parse_args(argv)
+    except ConvertError as e:
+        print(f"{err} {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+
+    from dllm_jax.hf_weights import CheckpointError
+    from dllm_jax.models.config import ConfigError
+
+    try:
+        info = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    except (ConvertError, ConfigError, CheckpointError) as e:
+        print(f"{err} {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"{err} {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    tok = f", tokenizer files: {', '.join(info['tokenizer_files'])}" if info["tokenizer_files"] else ", no tokenizer files"
+    print(f"wrote {info['dst']} ({info['family']}, {info['n_params']:,} parameters, {info['dtype']}{tok})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,8 +106,18 @@ def validate(model: Model, rows, gen_length: int, schedule: Schedule, prompt_len
 _STATIC = ("cfg", "sched", "ctx", "trace_len", "kv_sharding")
 
 
-def _generate_impl(params, x, key_valid, positions, keys, *, cfg, sched, ctx, trace_len, kv_sharding=None):
-    return run(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len, kv_sharding=kv_sharding)
+def _generate_impl(params, x, key_valid, positions, keys, dyn, *, cfg, sched, ctx, trace_len, kv_sharding=None):
+    # `sched` is the static structure; `dyn` holds its traced numeric parameters (Schedule.split_dynamic)
+    return run(params, cfg, sched.merge_dynamic(dyn), ctx, x, key_valid, positions, keys, trace_len,
+               kv_sharding=kv_sharding)
+
+
+def _dyn_arrays(values: dict) -> dict:
+    def arr(v):
+        is_int = isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        return jnp.asarray(v, jnp.int32 if is_int else jnp.float32)
+
+    return {k: arr(v) for k, v in values.items()}
 
 
 _generate_jit = jax.jit(_generate_impl, static_argnames=_STATIC)
@@ -118,8 +128,8 @@ def _generate_jit_sharded(in_shardings, out_shardings, **static):
 
     jit takes no keyword arguments once in_shardings is given, so the static arguments are bound here (one jit
     object per compiled program; `generate` caches the compiled result)."""
-    def fn(params, x, key_valid, positions, keys):
-        return _generate_impl(params, x, key_valid, positions, keys, **static)
+    def fn(params, x, key_valid, positions, keys, dyn):
+        return _generate_impl(params, x, key_valid, positions, keys, dyn, **static)
 
     return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings)
 
@@ -164,24 +174,29 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
 
         params, (x, valid, positions, keys) = sharding.place_for_generate(model, mesh, (x, valid, positions, keys))
         kv_sh = sharding.kv_sharding(model.cfg, mesh, ctx.batch, ctx.total_len) if schedule.cache.has_cache else None
-    key = (model.cfg, schedule, ctx, trace_len, jax.tree.structure(params),
+    static_sched, dyn_values = schedule.split_dynamic()
+    dyn = _dyn_arrays(dyn_values)
+    key = (model.cfg, static_sched, ctx, trace_len, tuple((k, str(v.dtype)) for k, v in sorted(dyn.items())),
+           jax.tree.structure(params),
            tuple((a.shape, str(a.dtype), getattr(a, "sharding", None)) for a in jax.tree.leaves(params)),
            mesh)  # a jax Mesh is hashable (axis names, shape and device ids)
     t0 = time.perf_counter()
     compiled = _COMPILED.get(key)
     if compiled is None:
-        static = dict(cfg=model.cfg, sched=schedule, ctx=ctx, trace_len=trace_len)
+        static = dict(cfg=model.cfg, sched=static_sched, ctx=ctx, trace_len=trace_len)
         if mesh is None:
-            lowered = _generate_jit.lower(params, x, valid, positions, keys, **static)
+            lowered = _generate_jit.lower(params, x, valid, positions, keys, dyn, **static)
         else:
             in_sh, out_sh = sharding.generate_shardings(model, mesh, ctx.batch, trace_len)
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            in_sh = (*in_sh, {k: replicated for k in dyn})
             lowered = _generate_jit_sharded(in_sh, out_sh, kv_sharding=kv_sh, **static).lower(
-                params, x, valid, positions, keys)
+                params, x, valid, positions, keys, dyn)
         compiled = lowered.compile()
         _COMPILED[key] = compiled
         _STATS["compilations"] += 1
     t1 = time.perf_counter()
-    out = compiled(params, x, valid, positions, keys)
+    out = compiled(params, x, valid, positions, keys, dyn)
     out = jax.tree.map(np.asarray, jax.block_until_ready(out))
     t2 = time.perf_counter()
     seqs = out["x"]

@@ -1,14 +1,15 @@
 """The denoising loop: jitted while_loop == Python loop, bucketing, batch invariance, validation, EOS stop."""
 
+import importlib
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax import generate as G
 from dllm_jax.engine.loop import make_loop, results
 from dllm_jax.presets import PresetError, make_schedule
 
+G = importlib.import_module("dllm_jax.generate")  # the module (dllm_jax.generate is also the function)
 PROMPT = [11, 23, 5, 77, 100, 3, 42, 9]
 
 
@@ -157,3 +158,14 @@ def test_eos_penalty_variants(llada_model):
     assert not (out.generated == cfg.eos_token_id).any()
     with pytest.raises(PresetError):
         make_schedule("llada", 16, cfg, steps=16, block_length=8, logits_eos_inf=True, confidence_eos_eot_inf=True)
+
+
+def test_threshold_sweep_shares_one_program(llada_model):
+    """Thresholds are traced parameters: a sweep compiles once and each value still gives its own result."""
+    outs = []
+    before = G.compile_count()
+    for th in (0.3, 0.6, 0.95):
+        s = make_schedule("fastdllm", 16, llada_model.cfg, block_length=8, threshold=th)
+        outs.append(G.generate(llada_model, [PROMPT], gen_length=16, schedule=s))
+    assert G.compile_count() <= before + 1
+    assert outs[0].nfe[0] < outs[2].nfe[0]

@@ -12,7 +12,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax.engine.context import Ctx, rank_desc
+from dllm_jax.engine.context import Ctx, dynamic, rank_desc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class TopKQuota(Accept):
     """Fixed step schedule: `steps_per_block` forwards per block, quota from get_num_transfer_tokens (ML-GSAI
     `generate`; Fast-dLLM with threshold=None). The quota is fixed from the mask count at block start."""
 
-    steps_per_block: int = 1
+    steps_per_block: int = dynamic(1)
 
     def init(self, ctx, n_mask_B):
         return {"n0": n_mask_B.astype(jnp.int32)}
@@ -65,7 +65,7 @@ class TopKQuota(Accept):
 class Threshold(Accept):
     """Fast-dLLM threshold rule: the most confident candidate always, every other one needs conf >= threshold."""
 
-    threshold: float = 0.9
+    threshold: float = dynamic(0.9)
 
     def validate(self, ctx, window):
         if not (0.0 < self.threshold <= 1.0):
@@ -81,7 +81,7 @@ class Factor(Accept):
     """Fast-dLLM factor rule (get_transfer_index_dynamic): sorted confidences c_0 >= c_1 >= ...; position i needs
     c_i >= 1 - factor / (i + 2); stop at the first failure. Quirk kept: a failure at the last candidate is accepted."""
 
-    factor: float = 1.0
+    factor: float = dynamic(1.0)
 
     def validate(self, ctx, window):
         if self.factor <= 0:
@@ -145,8 +145,8 @@ class DreamCarryThreshold(Accept):
     (the reference increments `steps` inside its rejection loop, after which the test `i < steps - 1` holds again,
     so one extension per step) and zero the base quota: NFE can exceed `steps`. Requires #masks % steps == 0."""
 
-    steps: int = 1
-    threshold: float = 0.9
+    steps: int = dynamic(1)
+    threshold: float = dynamic(0.9)
 
     def validate(self, ctx, window):
         if not (0.0 < self.threshold <= 1.0):

@@ -8,6 +8,13 @@ import jax
 import jax.numpy as jnp
 
 
+def dynamic(default):
+    """A policy field whose value is traced inside the compiled program: schedules that differ only in such fields
+    share one program (a threshold sweep compiles once). Use it only for values that shape nothing and feed only jnp
+    arithmetic (no Python `if` on them, no host-side use)."""
+    return dataclasses.field(default=default, metadata={"dynamic": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class Ctx:
     """Static layout of the canvas: [B, L] with the prompt left-padded into [0, P) and generation in [P, L)."""

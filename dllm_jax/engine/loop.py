@@ -43,6 +43,32 @@ class Schedule:
     def replace(self, **kw) -> "Schedule":
         return dataclasses.replace(self, **kw)
 
+    def split_dynamic(self) -> tuple["Schedule", dict]:
+        """Separate the numeric policy parameters marked `dynamic` (thresholds, factors, step counts that shape
+        nothing) from the static structure, so schedules differing only in them share one compiled program."""
+        values, parts = {}, {}
+        for f in dataclasses.fields(self):
+            pol = getattr(self, f.name)
+            if not dataclasses.is_dataclass(pol):
+                continue
+            upd = {}
+            for pf in dataclasses.fields(pol):
+                if pf.metadata.get("dynamic"):
+                    v = getattr(pol, pf.name)
+                    values[f"{f.name}.{pf.name}"] = v
+                    upd[pf.name] = None
+            if upd:
+                parts[f.name] = dataclasses.replace(pol, **upd)
+        return dataclasses.replace(self, **parts), values
+
+    def merge_dynamic(self, values: dict) -> "Schedule":
+        """Inverse of split_dynamic (inside jit the values are tracers)."""
+        parts: dict = {}
+        for path, v in values.items():
+            name, field = path.split(".")
+            parts.setdefault(name, {})[field] = v
+        return dataclasses.replace(self, **{n: dataclasses.replace(getattr(self, n), **u) for n, u in parts.items()})
+
 
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step):
     if sched.cfg_scale > 0:

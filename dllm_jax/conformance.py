@@ -24,7 +24,23 @@ _FN_MAP = (
     ("generation_utils_block.py", lambda a: "fastdllm_dream_dual" if a.get("dual_cache") else "fastdllm_dream_prefix"),
     ("generation_utils.py", lambda a: "fastdllm_dream_threshold" if a.get("alg") == "confidence_threshold"
      else "dream"),
+    # advanced block schedulers (docs/schedulers.md); the longest matching key wins
+    ("lizhuo-luo/DSB llada/generate.py::generate_dsb_cache", "dsb_cache"),
+    ("lizhuo-luo/DSB llada/generate.py::generate_dsb", "dsb"),
+    ("lizhuo-luo/DSB dream/model/generation_utils.py", lambda a: "dsb_dream_cache" if a.get("use_cache")
+     else "dsb_dream"),
+    ("lgxi24/AdaBlock-dLLM llada/generate_adablock.py::generate_adablock", "adablock"),
+    ("lgxi24/AdaBlock-dLLM llada/generate_adablock.py::generate_adablock_prefix_cache", "adablock_prefix"),
+    ("lgxi24/AdaBlock-dLLM llada/generate_adablock.py::generate_adablock_dual_cache", "adablock_dual"),
+    ("AdaBlock-dLLM dream/model/generation_utils_adablock.py::DreamGenerationMixin.diffusion_generate -> "
+     "_sample_adablock", "adablock_dream"),
+    ("AdaBlock-dLLM dream/model/generation_utils_adablock.py::DreamGenerationMixin.diffusion_generate -> "
+     "_sample_adablock_cache", "adablock_dream_dual"),
 )
+
+# arguments that only select the preset (consumed by the mapping above), per preset
+_CONSUMED = {"dsb_dream": ("dsb", "use_cache", "prefix_window"),  # (no cache: prefix_window unused)
+             "dsb_dream_cache": ("dsb", "use_cache")}
 
 # argument names of the official functions -> preset keyword arguments
 _RENAME = {"max_new_tokens": "gen_length"}
@@ -38,13 +54,25 @@ class Unsupported(Exception):
 
 def map_case(case: dict, model_cfg) -> tuple[str, dict, dict]:
     code = case.get("code", "")
-    for key, preset in _FN_MAP:
-        if key in code:
-            break
-    else:
+    hits = [(key, preset) for key, preset in _FN_MAP if key in code]
+    if not hits:
         raise Unsupported(f"no preset reproduces {code!r}")
+    key, preset = max(hits, key=lambda kp: len(kp[0]))
     args = dict(case.get("args", {}))
     name = preset(args) if callable(preset) else preset
+    if name in ("dsb_dream", "dsb_dream_cache") and not args.get("dsb"):
+        raise Unsupported("DSB Dream sampler called without dsb=True")
+    for k in _CONSUMED.get(name, ()):
+        args.pop(k, None)
+    if name in ("adablock_dream", "adablock_dream_dual"):
+        if name == "adablock_dream_dual" and not args.get("dual_cache"):
+            raise Unsupported("_sample_adablock_cache asserts dual_cache=True")
+        # The Dream delimiter list is hard-coded in the sampler (not an argument): the official list unless the case
+        # ran a local copy with the list replaced, whose list the case states in `delimiter_ids_effective`.
+        if "hard-coded delimiter list replaced" in code:
+            if not case.get("delimiter_ids_effective"):
+                raise Unsupported("patched AdaBlock Dream sampler without `delimiter_ids_effective`")
+            args["delimiter_ids"] = list(case["delimiter_ids_effective"])
     gen_kw = {}
     am = args.get("attention_mask")
     if isinstance(am, str):

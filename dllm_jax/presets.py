@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from dllm_jax.engine import (DreamCarryThreshold, DreamOrigin, DreamQuota, DualCache, Factor, FixedBlocks, NoCache,
@@ -270,8 +271,82 @@ def dsb_dream_cache(gen_length, *, block_length=32, max_block_length=-1, thresho
                     eos_early_stop=eos_early_stop, name="dsb_dream_cache")
 
 
+def _delims(delimiter_ids, delimiter_threshold):
+    try:
+        tau = float(delimiter_threshold)  # accepts "inf"
+    except (TypeError, ValueError):
+        raise PresetError(f"delimiter_threshold must be a number (or inf), got {delimiter_threshold!r}") from None
+    if math.isnan(tau):
+        raise PresetError("delimiter_threshold must not be NaN")
+    ids = tuple(int(d) for d in (delimiter_ids or ()))
+    return ids, tau
+
+
+def _adablock(cache, name, gen_length, *, init_block_length=32, threshold=0.9, delimiter_ids=(198,),
+              delimiter_threshold=math.inf, steps=None, temperature=0.0, remasking="low_confidence",
+              eos_early_stop=False, model_cfg=None):
+    from dllm_jax.engine.adablock import DelimiterBlocks
+
+    if remasking != "low_confidence":
+        raise PresetError(f"{name} supports remasking='low_confidence' only")
+    if init_block_length is None or init_block_length <= 0:
+        raise PresetError(f"init_block_length must be > 0, got {init_block_length}")
+    ids, tau = _delims(delimiter_ids, delimiter_threshold)
+    win = DelimiterBlocks(init_block_length=int(init_block_length), delimiter_ids=ids, delimiter_threshold=tau)
+    return Schedule(window=win, accept=_need_threshold(threshold, None, name), cache=cache,
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False),
+                    eos_early_stop=eos_early_stop, name=name)
+
+
+def adablock(gen_length, **kw):
+    """AdaBlock `generate_adablock` (LLaDA, no cache): delimiter-chosen blocks x threshold rule."""
+    return _adablock(NoCache(), "adablock", gen_length, **kw)
+
+
+def adablock_prefix(gen_length, **kw):
+    """AdaBlock `generate_adablock_prefix_cache`: a full forward per block (it also chooses the block), then the
+    suffix from the block start over the prefix cache. Unlike Fast-dLLM no cached forward is forced."""
+    return _adablock(PrefixCache(min_window_forwards=0), "adablock_prefix", gen_length, **kw)
+
+
+def adablock_dual(gen_length, **kw):
+    """AdaBlock `generate_adablock_dual_cache`: as adablock_prefix, cached forwards cover the block only."""
+    return _adablock(DualCache(min_window_forwards=0), "adablock_dual", gen_length, **kw)
+
+
+def _adablock_dream(dual, gen_length, *, block_length=8, threshold=0.9, delimiter_threshold=0.3,
+                    delimiter_ids=None, alg="confidence_threshold", steps=None, eps=1e-3, temperature=0.0,
+                    top_p=None, top_k=None, eos_early_stop=False, model_cfg=None):
+    from dllm_jax.engine.adablock import DREAM_DELIMITERS, DelimiterBlocks
+
+    name = "adablock_dream_dual" if dual else "adablock_dream"
+    _dream_alg(alg, name)
+    if block_length is None or block_length <= 0:
+        raise PresetError(f"block_length must be > 0, got {block_length}")
+    ids, tau = _delims(DREAM_DELIMITERS if delimiter_ids is None else delimiter_ids, delimiter_threshold)
+    win = DelimiterBlocks(init_block_length=int(block_length), delimiter_ids=ids, delimiter_threshold=tau)
+    # Dual cache: the block's full forward chooses the block, then commits only the block start (greedy).
+    cache = DualCache(min_window_forwards=0, refresh_commit="first") if dual else NoCache()
+    return Schedule(window=win, accept=_need_threshold(threshold, None, name), cache=cache,
+                    sampler=_eos_sampler(model_cfg, "prob", temperature, False, False, False, style="dream",
+                                         top_p=top_p, top_k=top_k),
+                    eos_early_stop=eos_early_stop, name=name)
+
+
+def adablock_dream(gen_length, **kw):
+    """AdaBlock Dream `_sample_adablock` (no cache). delimiter_ids=None = Dream's hard-coded list."""
+    return _adablock_dream(False, gen_length, **kw)
+
+
+def adablock_dream_dual(gen_length, **kw):
+    """AdaBlock Dream `_sample_adablock_cache` (dual cache only, as the reference asserts)."""
+    return _adablock_dream(True, gen_length, **kw)
+
+
 _ADVANCED: dict[str, Callable[..., Schedule]] = {
     "dsb": dsb, "dsb_cache": dsb_cache, "dsb_dream": dsb_dream, "dsb_dream_cache": dsb_dream_cache,
+    "adablock": adablock, "adablock_prefix": adablock_prefix, "adablock_dual": adablock_dual,
+    "adablock_dream": adablock_dream, "adablock_dream_dual": adablock_dream_dual,
 }
 
 

@@ -33,6 +33,11 @@ class Cache:
     def needs_full(self, st, ctx: Ctx, wst):
         return st["need_refresh"] if self.has_cache else jnp.ones((ctx.batch,), bool)
 
+    def cand_range(self, st, ctx: Ctx, wst, did_full_B):
+        """Canvas range [lo, hi) whose masked positions are candidates this forward (default: the window [s, e);
+        DSB Cache's suffix-window quirk widens it for cached forwards)."""
+        return wst["s"], wst["e"]
+
     def width(self, ctx: Ctx, window) -> int:
         return ctx.total_len
 

@@ -1,12 +1,14 @@
 """Convert a Hugging Face LLaDA / Dream checkpoint into the dllm-jax converted format.
 
-    python -m convert.hf_to_flax SRC DST [--dtype bfloat16|float32] [--overwrite] [--no-progress]
+    python -m convert.hf_to_flax SRC DST [--dtype bfloat16|float32] [--quantize int8|int8-all] [--overwrite]
+                                 [--no-progress]
 
 SRC is an HF checkpoint directory (config.json + model.safetensors, or shards + model.safetensors.index.json).
 DST receives `dllm_jax_config.json` + an orbax `params/` directory (see dllm_jax.checkpoint) plus the tokenizer
 files found in SRC. The conversion streams one tensor at a time (dllm_jax.hf_weights): the output buffers are
 preallocated in the target dtype and filled per shard, so peak host memory is about the converted model plus the
-largest single tensor (docs/converter.md has the measurement).
+largest single tensor (docs/converter.md has the measurement). With --quantize each weight is quantized to int8
+as it is read (dllm_jax.quant), so only the int8 model is ever held (docs/quantization.md).
 
 Everything is written into a temp directory beside DST and renamed into place at the very end; on any error the
 temp directory is removed and nothing is left at DST (with --overwrite an existing DST is replaced only after
@@ -44,8 +46,8 @@ class ConvertError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit status 2 decided by main(), no SystemExit
-        raise ConvertError(f"{message} (usage: {self.prog} SRC DST [--dtype bfloat16|float32] [--overwrite]; "
-                           f"see --help)")
+        raise ConvertError(f"{message} (usage: {self.prog} SRC DST [--dtype bfloat16|float32] "
+                           f"[--quantize int8|int8-all] [--overwrite]; see --help)")
 
 
 def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
@@ -56,6 +58,10 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), metavar="{bfloat16,float32}",
                    help="stored parameter dtype; default: that of the source weights (bfloat16 if they are all bf16, "
                         "else float32)")
+    p.add_argument("--quantize", default=None, choices=("int8", "int8-all"),
+                   help="store int8 weights (per-output-channel symmetric, float32 scales), quantized tensor by tensor "
+                        "while streaming: int8 = the linear layer weights, int8-all = also the embedding and LM head; "
+                        "--dtype then applies to the remaining leaves. dllm_jax.load restores them as int8")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once conversion succeeded)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -123,10 +129,14 @@ def _to_jax_arrays(tree: dict) -> None:
     buffers from hf_weights without copying), so the saved checkpoint restores as jax arrays."""
     import jax
 
+    from dllm_jax.quant import QArray
+
     cpu = jax.devices("cpu")[0]
     for k in list(tree):
         if isinstance(tree[k], dict):
             _to_jax_arrays(tree[k])
+        elif isinstance(tree[k], QArray):
+            tree[k] = QArray(jax.device_put(tree[k].q, cpu), jax.device_put(tree[k].scale, cpu), tree[k].dtype)
         else:
             tree[k] = jax.device_put(tree[k], cpu)
 
@@ -154,15 +164,21 @@ def save_params_bounded(dst: str, params: dict) -> None:
 
 
 def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
-            log=None) -> dict:
+            log=None, quantize: str | None = None) -> dict:
     """Convert SRC (HF) into DST (dllm-jax format). Returns a summary dict. Raises ConvertError, ConfigError or
-    CheckpointError for bad inputs; never leaves a partial DST or temp directory behind."""
+    CheckpointError for bad inputs; never leaves a partial DST or temp directory behind. quantize: None, "int8"
+    or "int8-all" (see dllm_jax.quant)."""
+    from dllm_jax import quant
     from dllm_jax.hf_weights import load_hf_params, plan_checkpoint
     from dllm_jax.models.config import config_from_hf, read_hf_config
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if dtype not in DTYPES:
         raise ConvertError(f"invalid --dtype {dtype!r}; choose bfloat16 or float32")
+    try:
+        qcfg = quant.resolve(quantize)
+    except quant.QuantError as e:
+        raise ConvertError(str(e)) from None
     src_abs, dst_abs = os.path.abspath(src), os.path.abspath(dst)
     if not os.path.exists(src_abs):
         raise ConvertError(f"source checkpoint {src!r} does not exist")
@@ -191,7 +207,7 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst_abs)}.tmp-", dir=parent)
         log(f"converting {cfg.family} checkpoint {src} ({len(plan.shards)} shard(s), {plan.n_tensors} tensors, "
             f"{_fmt_bytes(plan.total_bytes)}, source dtype {'/'.join(sorted(plan.source_dtypes))}) -> {dst} "
-            f"[{dtype_name}]")
+            f"[{dtype_name}{f', {qcfg.name}' if qcfg else ''}]")
         from tqdm import tqdm
 
         with tqdm(total=plan.n_tensors, unit="tensor", file=sys.stderr, disable=not progress, dynamic_ncols=True,
@@ -202,10 +218,11 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
                 bar.set_description(f"shard {shard_no[fname]}/{len(plan.shards)}", refresh=False)
                 bar.update(1)
 
-            params = load_hf_params(src_abs, cfg, dtype=np_dtype, on_tensor=on_tensor, plan=plan)
-        n_params = sum(int(np.prod(a.shape)) for a in _leaves(params))
+            params = load_hf_params(src_abs, cfg, dtype=np_dtype, on_tensor=on_tensor, plan=plan, quantize=qcfg)
+        n_params = sum(int(np.prod(a.shape)) for a in _leaves(params, weights_only=True))
+        n_bytes = sum(a.size * a.dtype.itemsize for a in _leaves(params))
         _to_jax_arrays(params)
-        log(f"writing orbax checkpoint ({n_params:,} parameters, {_fmt_bytes(n_params * np.dtype(np_dtype).itemsize)})")
+        log(f"writing orbax checkpoint ({n_params:,} parameters, {_fmt_bytes(n_bytes)})")
         from dllm_jax.checkpoint import write_config
 
         save_params_bounded(tmp, params)
@@ -213,7 +230,7 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
         write_config(tmp, cfg, dtype_name, converter="convert.hf_to_flax",
                      source={"path": src_abs, "model_type": hf.get("model_type"),
                              "dtypes": sorted(plan.source_dtypes), "shards": len(plan.shards)},
-                     hf_config=hf)
+                     hf_config=hf, **({"quantization": qcfg.to_meta()} if qcfg else {}))
         copied = copy_tokenizer_files(src_abs, tmp)
         umask = os.umask(0)
         os.umask(umask)
@@ -226,19 +243,36 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
         _undo_makedirs(created)
         raise
     return {"src": src_abs, "dst": dst_abs, "family": cfg.family, "dtype": dtype_name, "n_params": n_params,
-            "shards": len(plan.shards), "tokenizer_files": copied}
+            "shards": len(plan.shards), "tokenizer_files": copied, "quantization": qcfg.name if qcfg else None,
+            "bytes": n_bytes}
 
 
-def _leaves(tree):
+def _leaves(tree, weights_only=False):
+    """The arrays of a params tree; an int8 QArray gives its values and scales (only its values: weights_only)."""
+    from dllm_jax.quant import QArray
+
     for v in tree.values():
         if isinstance(v, dict):
-            yield from _leaves(v)
+            yield from _leaves(v, weights_only)
+        elif isinstance(v, QArray):
+            yield v.q
+            if not weights_only:
+                yield v.scale
         else:
             yield v
 
 
 def _map_leaves(tree, fn):
-    return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
+    from dllm_jax.quant import QArray
+
+    def one(v):
+        if isinstance(v, dict):
+            return _map_leaves(v, fn)
+        if isinstance(v, QArray):
+            return QArray(fn(v.q), fn(v.scale), v.dtype)
+        return fn(v)
+
+    return {k: one(v) for k, v in tree.items()}
 
 
 def _replace(tmp: str, dst: str) -> None:
@@ -278,7 +312,8 @@ def main(argv=None, prog: str | None = None) -> int:
     from dllm_jax.models.config import ConfigError
 
     try:
-        info = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+        info = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
+                       quantize=args.quantize)
     except (ConvertError, ConfigError, CheckpointError) as e:
         print(f"{err} {e}", file=sys.stderr)
         return 2
@@ -289,7 +324,8 @@ def main(argv=None, prog: str | None = None) -> int:
         print(f"{prog}: interrupted; nothing was written to {args.dst}", file=sys.stderr)
         return 130
     tok = f", tokenizer files: {', '.join(info['tokenizer_files'])}" if info["tokenizer_files"] else ", no tokenizer files"
-    print(f"wrote {info['dst']} ({info['family']}, {info['n_params']:,} parameters, {info['dtype']}{tok})")
+    q = f" + {info['quantization']}" if info["quantization"] else ""
+    print(f"wrote {info['dst']} ({info['family']}, {info['n_params']:,} parameters, {info['dtype']}{q}{tok})")
     return 0
 
 

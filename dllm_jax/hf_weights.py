@@ -249,23 +249,45 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
                    on_shard: Callable[[str], None] | None = None,
                    on_tensor: Callable[[str, str], None] | None = None,
-                   plan: CheckpointPlan | None = None) -> dict:
+                   plan: CheckpointPlan | None = None, quantize=None) -> dict:
     """Map every tensor of an HF checkpoint into a params pytree of numpy arrays (dtype `dtype`).
 
     The output buffers are allocated up front in `dtype`; each tensor is read, transposed and cast directly into
-    its slot, then dropped. `on_tensor(file, name)` runs after each tensor, `on_shard(file)` after each file."""
+    its slot, then dropped. `on_tensor(file, name)` runs after each tensor, `on_shard(file)` after each file.
+    quantize ("int8", "int8-all" or a dllm_jax.quant.QuantConfig): the quantized leaves are preallocated as
+    `QArray(int8, float32 scales)` and each tensor is quantized from its source precision straight into its slot
+    (dllm_jax.quant.quantize_np), so no float copy of those weights is ever held."""
+    from dllm_jax import quant
+
+    qcfg = quant.resolve(quantize)
     if plan is None:
         plan = plan_checkpoint(path, cfg)
     shapes = expected_shapes(cfg)
-    out: dict = {"layers": {k: _aligned_empty(s, dtype) for k, s in shapes["layers"].items()}}
+    qtop = qcfg.top_leaves() if qcfg is not None else ()
+    qlayer = quant.LINEAR if qcfg is not None else ()
+
+    def alloc(name, s, quantized):
+        if not quantized:
+            return _aligned_empty(s, dtype)
+        ax = quant.reduce_axis(name) % len(s)
+        return quant.QArray(_aligned_empty(s, np.int8),
+                            _aligned_empty(tuple(1 if i == ax else d for i, d in enumerate(s)), np.float32),
+                            np.dtype(dtype))
+
+    out: dict = {"layers": {k: alloc(k, s, k in qlayer) for k, s in shapes["layers"].items()}}
     for k, s in shapes.items():
         if k != "layers":
-            out[k] = _aligned_empty(s, dtype)
+            out[k] = alloc(k, s, k in qtop)
     for fname, header in plan.shards:
         for name, arr in _iter_shard(fname, header):
             key, li, tr = plan.dest[name]
-            slot = out[key] if li is None else out["layers"][key][li]
-            slot[...] = arr.T if tr else arr  # one strided copy + cast into the final buffer
+            slot = out[key] if li is None else out["layers"][key]
+            if isinstance(slot, quant.QArray):
+                q, sc = (slot.q, slot.scale) if li is None else (slot.q[li], slot.scale[li])
+                quant.quantize_np(arr.T if tr else arr, quant.reduce_axis(key), out=(q, sc))
+            else:
+                slot = slot if li is None else slot[li]
+                slot[...] = arr.T if tr else arr  # one strided copy + cast into the final buffer
             del arr
             if on_tensor:
                 on_tensor(fname, name)

@@ -66,25 +66,35 @@ class Model:
 
 
 def _cast_tree(params, dtype):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    from dllm_jax.quant import cast_params
+
+    return cast_params(params, dtype)  # jnp.asarray(leaf, dtype); int8 QArray leaves keep their int8/f32 arrays
 
 
 def load(path: str, dtype="float32", mesh=None, attention: str = "reference", quantize=None) -> Model:
-    """Load a model from an HF checkpoint dir (config.json + *.safetensors) or a converted dllm-jax dir."""
+    """Load a model from an HF checkpoint dir (config.json + *.safetensors) or a converted dllm-jax dir.
+
+    quantize: None, "int8" (linear layer weights int8) or "int8-all" (also embedding + LM head); see
+    dllm_jax.quant. `dtype` stays the compute dtype and that of the unquantized leaves. A converted checkpoint
+    written with `--quantize` restores as int8 whatever `quantize` says."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     path = os.fspath(path)
     jdtype = resolve_dtype(dtype)
+    from dllm_jax import quant
+
+    qcfg = quant.resolve(quantize)  # a bad value fails here, before anything is read
     if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
         from dllm_jax import checkpoint
 
-        model = checkpoint.restore_converted(path, dtype=jdtype, mesh=mesh)
+        model = checkpoint.restore_converted(path, dtype=jdtype, mesh=mesh, quantize=qcfg)
     elif os.path.isfile(os.path.join(path, "config.json")):
         from dllm_jax.hf_weights import load_hf_params
 
         cfg = config_from_hf(read_hf_config(path), where=os.path.join(path, "config.json"))
         np_dtype = np.float32 if jdtype == jnp.float32 else jnp.bfloat16
-        params = load_hf_params(path, cfg, dtype=np_dtype)
+        # with quantize, each tensor is quantized on the host as it is read: the float model is never built
+        params = load_hf_params(path, cfg, dtype=np_dtype, quantize=qcfg)
         tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
             else None
         model = Model(cfg, _cast_tree(params, jdtype), path=path, tokenizer_path=tok)
@@ -97,8 +107,6 @@ def load(path: str, dtype="float32", mesh=None, attention: str = "reference", qu
                           f"dllm-jax checkpoint ({CONVERTED_CONFIG} + params/)")
     if attention != "reference":
         model = model.with_attention(attention)
-    if quantize:
-        from dllm_jax import quant
-
-        model = quant.quantize_model(model, quantize)
+    if qcfg is not None:
+        model = quant.quantize_model(model, qcfg)  # a no-op when the loader already quantized
     return model

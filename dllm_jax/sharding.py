@@ -164,6 +164,11 @@ def spec_for(logical: tuple, shape: tuple, cfg: ModelConfig | None, mesh: Mesh) 
 
 
 def _leaf_name(path) -> str:
+    # The nearest dict key: arrays nested inside a params entry (the int8 values and scales of a
+    # dllm_jax.quant.QArray, same rank as the float weight) take that entry's rule.
+    for k in reversed(path):
+        if isinstance(k, jax.tree_util.DictKey):
+            return str(k.key)
     last = path[-1]
     return str(getattr(last, "key", getattr(last, "name", last)))
 

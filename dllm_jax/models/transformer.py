@@ -4,6 +4,8 @@ Params pytree (dict of arrays; layers stacked on a leading axis and run with `la
   embed [V, D]; final_norm [D]; lm_head [D, V];
   layers: attn_norm [L, D], wq [L, D, H*hd], wk/wv [L, D, K*hd], (bq [L, H*hd], bk/bv [L, K*hd] if qkv_bias),
           wo [L, H*hd, D], mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D].
+Any matrix (and the embedding / LM head) may instead be a `dllm_jax.quant.QArray` (int8 values + float32
+per-output-channel scales); `_proj`, `_head` and `_embed` dequantize it inside the matmul / lookup.
 KV cache pytree: {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}, keys stored BEFORE RoPE (as the reference code);
 RoPE is applied to all keys at every call from the key positions.
 """
@@ -15,6 +17,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from dllm_jax import quant
 from dllm_jax.models.config import ModelConfig
 from pallas_kernels.block_attention import api as attn_api
 
@@ -42,7 +45,10 @@ def apply_rope(x_BxTxNxD, cos, sin):
 
 
 def _proj(x, w, b=None):
-    y = jnp.einsum("btd,df->btf", x, w.astype(x.dtype))
+    if isinstance(w, quant.QArray):  # int8 weight: dequantized inside the matmul (see dllm_jax.quant)
+        y = quant.einsum("btd,df->btf", x, w)
+    else:
+        y = jnp.einsum("btd,df->btf", x, w.astype(x.dtype))
     if b is not None:
         y = y + b.astype(y.dtype)
     return y
@@ -75,12 +81,17 @@ def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpre
 
 def _head(params, cfg, x):
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    return jnp.einsum("btd,dv->btv", x, params["lm_head"].astype(x.dtype),
-                      preferred_element_type=jnp.float32)
+    w = params["lm_head"]
+    if isinstance(w, quant.QArray):
+        return quant.einsum("btd,dv->btv", x, w, out_dtype=jnp.float32)
+    return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _embed(params, tokens):
-    return jnp.take(params["embed"], tokens, axis=0)
+    e = params["embed"]
+    if isinstance(e, quant.QArray):
+        return quant.take(e, tokens)
+    return jnp.take(e, tokens, axis=0)
 
 
 @partial(jax.jit, static_argnames=("cfg", "interpret"))

@@ -350,11 +350,84 @@ _ADVANCED: dict[str, Callable[..., Schedule]] = {
 }
 
 
+_CACHES = {"none": NoCache, "prefix": PrefixCache, "dual": DualCache}
+
+
+def _cache(name):
+    if name not in _CACHES:
+        raise PresetError(f"cache must be one of {sorted(_CACHES)}, got {name!r}")
+    return _CACHES[name]()
+
+
+def localleap(gen_length, *, block_length=32, threshold=0.9, relaxed=0.75, radius=4, cache="none",
+              eos_early_stop=False, model_cfg=None):
+    """LocalLeap: anchors >= threshold let neighbours within `radius` through at `relaxed` (fixed blocks)."""
+    from dllm_jax.engine.localleap import LocalLeap
+
+    bl, _ = _blocks(gen_length, block_length, None)
+    acc = LocalLeap(threshold=float(threshold), relaxed=float(relaxed), radius=int(radius))
+    return Schedule(window=FixedBlocks(bl), accept=acc, cache=_cache(cache),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="localleap")
+
+
+def dinfer_hierarchical(gen_length, *, block_length=32, threshold=0.9, run_threshold=0.4, prefix_look=16,
+                        after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
+    """dInfer hierarchical decoding (per-run best + threshold) with the vicinity-refresh cache."""
+    from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
+
+    bl, _ = _blocks(gen_length, block_length, None)
+    return Schedule(window=FixedBlocks(bl),
+                    accept=Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold)),
+                    cache=VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look),
+                                        refresh_every=int(refresh_every)),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="dinfer_hierarchical")
+
+
+def entropy_elastic(gen_length, *, budget=1.0, min_size=4, max_size=64, threshold=0.9, cache="none",
+                    eos_early_stop=False, model_cfg=None):
+    """Entropy-elastic window (new): width = clip(uncertainty budget / local uncertainty) x threshold rule."""
+    from dllm_jax.engine.elastic import EntropyElastic
+
+    if cache == "dual":
+        raise PresetError("entropy_elastic sizes its window from the forward's confidences beyond the window: use "
+                          "cache='none' or 'prefix'")
+    return Schedule(window=EntropyElastic(budget=float(budget), min_size=int(min_size), max_size=int(max_size)),
+                    accept=_threshold_or_factor(threshold, None, 1), cache=_cache(cache),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="entropy_elastic")
+
+
+def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, cache="dual", eos_early_stop=False,
+         model_cfg=None):
+    """OSDT: per-block thresholds calibrated once per task (`dllm_jax.engine.osdt.calibrate`), from a list or a
+    saved calibration file."""
+    from dllm_jax.engine import osdt as osdt_mod
+
+    if calibration is not None:
+        cal = osdt_mod.load(calibration)
+        thresholds, block_length = cal["thresholds"], block_length or cal["block_length"]
+    if not thresholds:
+        raise PresetError("osdt needs thresholds=[...] or calibration=PATH (see dllm_jax.engine.osdt.calibrate)")
+    bl, _ = _blocks(gen_length, block_length or 32, None)
+    acc = osdt_mod.BlockThresholds(thresholds=tuple(float(t) for t in thresholds), block_length=bl)
+    return Schedule(window=FixedBlocks(bl), accept=acc, cache=_cache(cache),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="osdt")
+
+
+_EXTRA: dict[str, Callable[..., Schedule]] = {
+    "localleap": localleap, "dinfer_hierarchical": dinfer_hierarchical, "entropy_elastic": entropy_elastic,
+    "osdt": osdt,
+}
+
+
 PRESETS: dict[str, Callable[..., Schedule]] = {
     "llada": llada, "vanilla": vanilla, "fastdllm": fastdllm, "fastdllm_prefix": fastdllm_prefix,
     "fastdllm_dual": fastdllm_dual, "dream": dream, "fastdllm_dream_threshold": fastdllm_dream_threshold,
     "fastdllm_dream_prefix": fastdllm_dream_prefix, "fastdllm_dream_dual": fastdllm_dream_dual,
-    **_ADVANCED,
+    **_ADVANCED, **_EXTRA,
 }
 
 

@@ -1,0 +1,141 @@
+"""LocalLeap, dInfer hierarchical + vicinity cache, the entropy-elastic window and OSDT calibration."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dllm_jax.engine.context import Ctx
+from dllm_jax.engine.dinfer import Hierarchical, run_ids
+from dllm_jax.engine.elastic import EntropyElastic
+from dllm_jax.engine.localleap import LocalLeap, dilate
+from dllm_jax.engine.loop import make_loop
+from dllm_jax.engine import osdt
+from dllm_jax.presets import PresetError, make_schedule
+
+G = importlib.import_module("dllm_jax.generate")
+PROMPT = [11, 23, 5, 77, 100, 3, 42, 9]
+CTX = Ctx(batch=1, prompt_len=2, gen_length=8, mask_id=0, eos_id=1, pad_id=1)
+
+
+def test_dilate_and_localleap_rule():
+    anchors = jnp.array([[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(np.asarray(dilate(anchors, 2))[0], [0, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+    conf = jnp.array([[0.1, 0.8, 0.8, 0.95, 0.7, 0.8, 0.8, 0.5, 0.85, 0.2]], jnp.float32)
+    cand = jnp.ones((1, 10), bool)
+    commit, _ = LocalLeap(threshold=0.9, relaxed=0.75, radius=2).select({}, CTX, conf, cand, None)
+    # anchor 3; within radius 2 and >= 0.75: 1, 2, 5; position 8 (0.85) is too far; position 4 (0.7) too low
+    np.testing.assert_array_equal(np.asarray(commit)[0], [0, 1, 1, 1, 0, 1, 0, 0, 0, 0])
+
+
+def test_hierarchical_runs():
+    cand = jnp.array([[0, 1, 1, 1, 0, 0, 1, 1, 0, 1]], bool)
+    np.testing.assert_array_equal(np.asarray(run_ids(cand))[0], [0, 1, 1, 1, 0, 0, 2, 2, 0, 3])
+    conf = jnp.array([[0.99, 0.3, 0.5, 0.45, 0.0, 0.0, 0.35, 0.2, 0.0, 0.41]], jnp.float32)
+    conf = jnp.where(cand, conf, -jnp.inf)
+    commit, _ = Hierarchical(threshold=0.9, run_threshold=0.4).select({}, CTX, conf, cand, None)
+    # run 1 best = pos 2 (0.5 > 0.4); run 2 best 0.35 < 0.4 -> none; run 3 = pos 9 (0.41); global argmax is pos 2
+    np.testing.assert_array_equal(np.asarray(commit)[0], [0, 0, 1, 0, 0, 0, 0, 0, 0, 1])
+
+
+def test_elastic_window_width():
+    ctx = Ctx(batch=2, prompt_len=2, gen_length=10, mask_id=0, eos_id=1, pad_id=1)
+    x = jnp.array([[5, 5, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0], [5, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
+    conf = jnp.array([[0, 0, 0, .9, .9, .9, .9, .9, .9, .2, .9, .9],
+                      [0, 0, .2, .2, .2, .2, .9, .9, .9, .9, .9, .9]], jnp.float32)
+    win = EntropyElastic(budget=0.55, min_size=2, max_size=8)
+    st = win.resolve(win.init(ctx, x), ctx, x, x, conf, jnp.ones(2, bool))
+    # row 0: s=3, five 0.1's fit a 0.55 budget (0.5), the sixth would not -> width 5
+    # row 1: s=2, the first 0.8 alone exceeds 0.55 -> min_size 2
+    np.testing.assert_array_equal(np.asarray(st["s"]), [3, 2])
+    np.testing.assert_array_equal(np.asarray(st["e"]), [8, 4])
+
+
+def _step_and_check(model, sched, prompts, gen_length):
+    """Run the loop from Python; committed tokens never change, it ends within max_nfe with no mask left."""
+    ctx, x, valid, pos, keys = G.prepare(model, prompts, gen_length, sched)
+    carry, cond, body = make_loop(model.params, model.cfg, sched, ctx, x, valid, pos, keys)
+    body = jax.jit(body)
+    prev = np.asarray(carry["x"])
+    n = 0
+    while bool(cond(carry)):
+        carry = body(carry)
+        cur = np.asarray(carry["x"])
+        fixed = prev != model.cfg.mask_token_id
+        assert np.array_equal(cur[fixed], prev[fixed]), "a committed token changed"
+        prev = cur
+        n += 1
+    assert not np.asarray(carry["active"]).any(), "did not finish within its NFE bound"
+    assert not (prev[:, ctx.prompt_len:] == model.cfg.mask_token_id).any()
+    return prev, np.asarray(carry["nfe"])
+
+
+NEW = [
+    ("localleap", dict(block_length=8, threshold=0.9, relaxed=0.6, radius=2)),
+    ("localleap", dict(block_length=8, threshold=0.8, cache="dual")),
+    ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4)),
+    ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4, refresh_every=2)),
+    ("entropy_elastic", dict(budget=1.0, min_size=2, max_size=12)),
+    ("entropy_elastic", dict(budget=0.5, min_size=2, max_size=12, cache="prefix")),
+    ("osdt", dict(thresholds=[0.7, 0.95], block_length=8)),
+]
+
+
+@pytest.mark.parametrize("preset,kw", NEW)
+def test_properties_and_batch_invariance(llada_model, preset, kw):
+    sched = make_schedule(preset, 16, llada_model.cfg, **kw)
+    prompts = [PROMPT, PROMPT[3:]]
+    x, nfe = _step_and_check(llada_model, sched, prompts, 16)
+    assert (nfe <= 16 * 2 + 2).all()
+    for b, p in enumerate(prompts):
+        single = G.generate(llada_model, [p], gen_length=16, schedule=sched)
+        np.testing.assert_array_equal(x[b, -16:], single.generated[0])
+        assert single.nfe[0] == nfe[b]
+
+
+def test_localleap_commits_more_than_plain_threshold(llada_model):
+    th = make_schedule("fastdllm", 32, llada_model.cfg, block_length=8, threshold=0.9)
+    ll = make_schedule("localleap", 32, llada_model.cfg, block_length=8, threshold=0.9, relaxed=0.5, radius=4)
+    a = G.generate(llada_model, [PROMPT], gen_length=32, schedule=th)
+    b = G.generate(llada_model, [PROMPT], gen_length=32, schedule=ll)
+    assert b.nfe[0] <= a.nfe[0]
+
+
+def test_osdt_uniform_thresholds_equal_fastdllm(llada_model):
+    ref = make_schedule("fastdllm_dual", 32, llada_model.cfg, block_length=8, threshold=0.8)
+    same = make_schedule("osdt", 32, llada_model.cfg, thresholds=[0.8] * 4, block_length=8, cache="dual")
+    a = G.generate(llada_model, [PROMPT], gen_length=32, schedule=ref)
+    b = G.generate(llada_model, [PROMPT], gen_length=32, schedule=same)
+    np.testing.assert_array_equal(a.sequences, b.sequences)
+    assert a.nfe[0] == b.nfe[0]
+
+
+def test_osdt_calibrate_save_load_reuse(llada_model, tmp_path):
+    cal = osdt.calibrate(llada_model, PROMPT, 32, block_length=8, base_threshold=0.9, lo=0.5, hi=0.95)
+    assert len(cal["thresholds"]) == 4 and sum(cal["committed_per_block"]) == 32
+    assert all(0.5 <= t <= 0.95 for t in cal["thresholds"])
+    path = str(tmp_path / "cal.json")
+    osdt.save(cal, path)
+    sched = make_schedule("osdt", 32, llada_model.cfg, calibration=path)
+    out = G.generate(llada_model, [PROMPT], gen_length=32, schedule=sched)
+    assert not (out.generated == llada_model.cfg.mask_token_id).any()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="not an OSDT calibration file"):
+        make_schedule("osdt", 32, llada_model.cfg, calibration=str(bad))
+    with pytest.raises(PresetError, match="needs thresholds"):
+        make_schedule("osdt", 32, llada_model.cfg)
+
+
+def test_new_policy_argument_errors(llada_model):
+    with pytest.raises(G.ScheduleError, match="relaxed"):
+        G.generate(llada_model, [PROMPT], gen_length=16,
+                   schedule=make_schedule("localleap", 16, llada_model.cfg, block_length=8, relaxed=0.95,
+                                          threshold=0.9))
+    with pytest.raises(PresetError, match="use cache='none' or 'prefix'"):
+        make_schedule("entropy_elastic", 16, llada_model.cfg, cache="dual")
+    with pytest.raises(G.ScheduleError, match="min_size"):
+        G.generate(llada_model, [PROMPT], gen_length=16,
+                   schedule=make_schedule("entropy_elastic", 16, llada_model.cfg, min_size=9, max_size=4))

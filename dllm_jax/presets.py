@@ -417,9 +417,22 @@ def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, ca
                     eos_early_stop=eos_early_stop, name="osdt")
 
 
+def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, eos_early_stop=False,
+        model_cfg=None):
+    """D2F pipeline (training-free, bidirectional): several blocks in flight, added at tau_add, fully activated at
+    tau_act, per-block confidence tau_conf."""
+    from dllm_jax.engine.d2f import D2FAccept, D2FPipeline
+
+    bl, _ = _blocks(gen_length, block_length, None)
+    return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add)),
+                    accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="d2f")
+
+
 _EXTRA: dict[str, Callable[..., Schedule]] = {
     "localleap": localleap, "dinfer_hierarchical": dinfer_hierarchical, "entropy_elastic": entropy_elastic,
-    "osdt": osdt,
+    "osdt": osdt, "d2f": d2f,
 }
 
 

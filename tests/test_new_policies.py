@@ -80,6 +80,7 @@ NEW = [
     ("entropy_elastic", dict(budget=1.0, min_size=2, max_size=12)),
     ("entropy_elastic", dict(budget=0.5, min_size=2, max_size=12, cache="prefix")),
     ("osdt", dict(thresholds=[0.7, 0.95], block_length=8)),
+    ("d2f", dict(block_length=4, tau_add=0.25, tau_act=0.75, tau_conf=0.9)),
 ]
 
 
@@ -139,3 +140,15 @@ def test_new_policy_argument_errors(llada_model):
     with pytest.raises(G.ScheduleError, match="min_size"):
         G.generate(llada_model, [PROMPT], gen_length=16,
                    schedule=make_schedule("entropy_elastic", 16, llada_model.cfg, min_size=9, max_size=4))
+
+
+def test_d2f_runs_blocks_in_parallel(llada_model):
+    """With tau_add 0 every block is added at once: the trace shows windows wider than one block, and NFE drops
+    below the one-block-at-a-time threshold schedule's."""
+    sched = make_schedule("d2f", 32, llada_model.cfg, block_length=8, tau_add=0.0, tau_act=0.0, tau_conf=0.9)
+    out = G.generate(llada_model, [PROMPT], gen_length=32, schedule=sched, trace=True)
+    n = int(out.nfe[0])
+    widths = out.trace["e"][:n, 0] - out.trace["s"][:n, 0]
+    assert widths.max() > 8
+    base = make_schedule("fastdllm", 32, llada_model.cfg, block_length=8, threshold=0.9)
+    assert n <= G.generate(llada_model, [PROMPT], gen_length=32, schedule=base).nfe[0]

@@ -1,0 +1,120 @@
+"""D2F pipeline (Discrete Diffusion Forcing, arXiv 2508.09192), training-free variant on bidirectional models.
+
+Several blocks of `block_length` are decoded at once. The window spans from the first unfinished block to the last
+*added* block. A new block is added when the last added block's decoded ratio reaches tau_add (and no EOS has been
+decoded yet). A block is *fully activated* when its predecessor's decoded ratio reaches tau_act (the first unfinished
+block always is); otherwise it is *semi-activated*. Per block, positions with confidence > tau_conf are committed; a
+fully activated block with none commits its single most confident position; a semi-activated block may commit
+nothing.
+
+Differences from the official code, by design: D2F grows the sequence block by block on block-causal (D2F-trained)
+models; on a bidirectional model the canvas already holds the whole masked suffix (as LLaDA always sees it), so
+"adding" a block only makes its positions decodable. No KV cache here (completed blocks are only exactly cacheable
+under block-causal attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dllm_jax.engine.acceptance import Accept
+from dllm_jax.engine.context import dynamic, first_true, iota_BxL
+from dllm_jax.engine.windows import Window
+
+
+def _block_stats(ctx, x, bl):
+    """Per generated block: decoded ratio [B, nb] and the block id of every position [B, L] (-1 in the prompt)."""
+    nb = ctx.gen_length // bl
+    pos = iota_BxL(ctx)
+    blk = jnp.where(pos >= ctx.prompt_len, (pos - ctx.prompt_len) // bl, -1)
+    decoded = (x != ctx.mask_id) & (blk >= 0)
+    onehot = jax.nn.one_hot(blk, nb, dtype=jnp.float32)
+    ratio = jnp.sum(onehot * decoded[..., None], axis=1) / bl
+    return ratio, blk
+
+
+@dataclasses.dataclass(frozen=True)
+class D2FPipeline(Window):
+    block_length: int = 32
+    tau_add: float = 0.1
+    stop_at_eos: bool = True
+
+    def validate(self, ctx):
+        if self.block_length <= 0 or ctx.gen_length % self.block_length:
+            raise ValueError(f"gen_length ({ctx.gen_length}) must be a multiple of block_length ({self.block_length})")
+        if not (0.0 <= self.tau_add <= 1.0):
+            raise ValueError(f"tau_add must lie in [0, 1], got {self.tau_add}")
+
+    def max_width(self, ctx):
+        return ctx.gen_length
+
+    def init(self, ctx, x):
+        s = jnp.full((x.shape[0],), ctx.prompt_len, jnp.int32)
+        return {"s": s, "e": s + self.block_length}
+
+    def _update(self, st, ctx, x):
+        bl, L = self.block_length, ctx.total_len
+        ratio, _ = _block_stats(ctx, x, bl)
+        pos = iota_BxL(ctx)
+        gen = pos >= ctx.prompt_len
+        s = first_true(gen & (x == ctx.mask_id), jnp.full((x.shape[0],), L, jnp.int32))
+        s = ctx.prompt_len + ((s - ctx.prompt_len) // bl) * bl  # start of the first unfinished block
+        last = jnp.clip((st["e"] - ctx.prompt_len) // bl - 1, 0, ratio.shape[1] - 1)
+        last_ratio = jnp.take_along_axis(ratio, last[:, None], axis=1)[:, 0]
+        eos_seen = jnp.any(gen & (x == ctx.eos_id), axis=1) if self.stop_at_eos else jnp.zeros_like(last_ratio, bool)
+        add = (last_ratio >= self.tau_add) & ~eos_seen
+        e = jnp.minimum(st["e"] + jnp.where(add, bl, 0), L)
+        e = jnp.maximum(e, jnp.minimum(s + bl, L))  # never an empty window while masks remain
+        return {"s": s.astype(jnp.int32), "e": e.astype(jnp.int32)}
+
+    def after_commit(self, st, ctx, x, n_commit_B):
+        return self._update(st, ctx, x)
+
+    def advance(self, st, ctx, x, block_done_B):
+        st = self._update(st, ctx, x)
+        gen = iota_BxL(ctx) >= ctx.prompt_len
+        return st, ~jnp.any(gen & (x == ctx.mask_id), axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class D2FAccept(Accept):
+    block_length: int = 32
+    tau_conf: float = dynamic(0.9)
+    tau_act: float = dynamic(0.95)
+
+    def validate(self, ctx, window):
+        if not (0.0 < self.tau_conf <= 1.0) or not (0.0 <= self.tau_act <= 1.0):
+            raise ValueError("D2F needs tau_conf in (0, 1] and tau_act in [0, 1]")
+
+    def select(self, st, ctx, conf_BxL, cand_BxL, i_B):
+        bl = self.block_length
+        nb = ctx.gen_length // bl
+        # decoded ratio of each block, from the candidates' complement inside the generation
+        x_decoded = ~cand_BxL & (iota_BxL(ctx) >= ctx.prompt_len)
+        pos = iota_BxL(ctx)
+        blk = jnp.where(pos >= ctx.prompt_len, (pos - ctx.prompt_len) // bl, -1)
+        onehot = jax.nn.one_hot(blk, nb, dtype=jnp.float32)
+        has_cand = jnp.sum(onehot * cand_BxL[..., None], axis=1) > 0  # [B, nb]
+        first_blk = jnp.argmax(has_cand, axis=1)
+        ratio = jnp.sum(onehot * x_decoded[..., None], axis=1) / bl
+        prev_ratio = jnp.concatenate([jnp.ones_like(ratio[:, :1]), ratio[:, :-1]], axis=1)
+        full = (prev_ratio >= self.tau_act) | (jnp.arange(nb)[None] == first_blk[:, None])
+        commit = cand_BxL & (conf_BxL > self.tau_conf)
+        # fully activated blocks that commit nothing take their most confident candidate
+        none = jnp.sum(onehot * commit[..., None], axis=1) == 0  # [B, nb]
+        need = full & none & has_cand
+        blk_c = jnp.where(cand_BxL, blk, nb)
+
+        def per_row(conf, b):
+            seg_max = jax.ops.segment_max(conf, b, num_segments=nb + 1)
+            is_max = conf >= seg_max[b]
+            first = jax.ops.segment_min(jnp.where(is_max, jnp.arange(conf.shape[0]), conf.shape[0]), b,
+                                        num_segments=nb + 1)
+            return jnp.arange(conf.shape[0]) == first[b]
+
+        best = jax.vmap(per_row)(jnp.where(cand_BxL, conf_BxL, -jnp.inf), blk_c) & cand_BxL
+        need_pos = jnp.take_along_axis(need, jnp.clip(blk, 0, nb - 1), axis=1) & (blk >= 0)
+        return commit | (best & need_pos), st

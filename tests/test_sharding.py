@@ -70,6 +70,19 @@ def test_mesh_matches_single_device(request, family, preset, kw, mesh_name):
     assert not out.unfinished.any()
 
 
+def test_kv_cache_stays_sharded_in_the_loop(llada_model):
+    """The compiled 2x4 dual-cache program only ever holds the per-device KV block [L, B/2, S, K/4, hd]."""
+    import importlib
+
+    G = importlib.import_module("dllm_jax.generate")
+    kw = dict(block_length=8, threshold=0.8)
+    generate(llada_model, PROMPTS8, gen_length=GEN, schedule=make_schedule("fastdllm_dual", GEN, llada_model.cfg,
+                                                                           **kw), mesh=MESHES["mixed2x4"]())
+    L, K, hd, S = llada_model.cfg.n_layers, llada_model.cfg.n_kv_heads, llada_model.cfg.head_dim, 32 + GEN
+    local = f"f32[{L},{8 // 2},{S},{K // 4},{hd}]"
+    assert any(local in c.as_text() for c in G._COMPILED.values())
+
+
 def test_placement_and_kv_rules(llada_model, dream_model):
     mesh = sharding.make_mesh(2, 4)
     params, (x, valid, pos, keys) = sharding.place_for_generate(

@@ -60,3 +60,16 @@ def row_slice(a_BxS, start_B, size):
 
 def row_update(a_BxS, upd_BxW, start_B):
     return jax.vmap(lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0))(a_BxS, upd_BxW, start_B)
+
+
+def segment_argmax_mask(conf_BxL, seg_BxL, num_segments: int):
+    """True at the first position holding the maximum of its segment, per row (segment ids in [0, num_segments))."""
+    L = conf_BxL.shape[1]
+    idx = jnp.arange(L)
+
+    def row(conf, seg):
+        seg_max = jax.ops.segment_max(conf, seg, num_segments=num_segments)
+        first = jax.ops.segment_min(jnp.where(conf >= seg_max[seg], idx, L), seg, num_segments=num_segments)
+        return idx == first[seg]
+
+    return jax.vmap(row)(conf_BxL, seg_BxL)

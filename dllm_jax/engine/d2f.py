@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.engine.acceptance import Accept
-from dllm_jax.engine.context import dynamic, first_true, iota_BxL
+from dllm_jax.engine.context import dynamic, first_true, iota_BxL, segment_argmax_mask
 from dllm_jax.engine.windows import Window
 
 
@@ -108,13 +108,6 @@ class D2FAccept(Accept):
         need = full & none & has_cand
         blk_c = jnp.where(cand_BxL, blk, nb)
 
-        def per_row(conf, b):
-            seg_max = jax.ops.segment_max(conf, b, num_segments=nb + 1)
-            is_max = conf >= seg_max[b]
-            first = jax.ops.segment_min(jnp.where(is_max, jnp.arange(conf.shape[0]), conf.shape[0]), b,
-                                        num_segments=nb + 1)
-            return jnp.arange(conf.shape[0]) == first[b]
-
-        best = jax.vmap(per_row)(jnp.where(cand_BxL, conf_BxL, -jnp.inf), blk_c) & cand_BxL
+        best = segment_argmax_mask(jnp.where(cand_BxL, conf_BxL, -jnp.inf), blk_c, nb + 1) & cand_BxL
         need_pos = jnp.take_along_axis(need, jnp.clip(blk, 0, nb - 1), axis=1) & (blk >= 0)
         return commit | (best & need_pos), st

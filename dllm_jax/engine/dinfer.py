@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from dllm_jax.engine.acceptance import Accept
 from dllm_jax.engine.caches import Cache
-from dllm_jax.engine.context import dynamic, rank_desc
+from dllm_jax.engine.context import dynamic, rank_desc, segment_argmax_mask
 
 
 def run_ids(cand_BxL):
@@ -37,15 +36,7 @@ class Hierarchical(Accept):
     def select(self, st, ctx, conf_BxL, cand_BxL, i_B):
         L = conf_BxL.shape[1]
         ids = run_ids(cand_BxL)
-
-        def per_row(conf, idr):
-            seg_max = jax.ops.segment_max(conf, idr, num_segments=L + 1)
-            is_max = conf >= seg_max[idr]
-            # first position reaching its run's max
-            first = jax.ops.segment_min(jnp.where(is_max, jnp.arange(L), L), idr, num_segments=L + 1)
-            return (jnp.arange(L) == first[idr]) & (idr > 0)
-
-        run_best = jax.vmap(per_row)(conf_BxL, ids)
+        run_best = segment_argmax_mask(conf_BxL, ids, L + 1) & (ids > 0)
         ok = (run_best & (conf_BxL > self.run_threshold)) | (conf_BxL > self.threshold) | (rank_desc(conf_BxL) == 0)
         return cand_BxL & ok, st
 

@@ -164,6 +164,10 @@ def main(argv=None) -> int:
         sp.set_defaults(fn=None, module=mod)
 
     a = ap.parse_args(argv)
+    if os.environ.get("DLLM_JAX_CACHE_DIR"):  # persistent XLA compilation cache (dllm_jax.utils)
+        from dllm_jax.utils import enable_compilation_cache
+
+        enable_compilation_cache()
     if a.fn is None:
         import importlib
 

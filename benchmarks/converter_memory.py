@@ -2,6 +2,7 @@
 
     python benchmarks/converter_memory.py [--workdir /tmp/dllm_conv_mem] [--d-model 1024] [--layers 8]
                                           [--vocab 32000] [--mlp 2816] [--shards 6] [--dtype float32] [--keep]
+                                          [--quantize int8]
 
 Writes random float32 weights (HF names and [out, in] layout, split greedily into ~N shards + an index) to the
 work dir, runs `python -m convert.hf_to_flax` under `/usr/bin/time -v` (Debian package `time`), and prints its
@@ -105,6 +106,7 @@ def main():
     ap.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--repeat", type=int, default=3, help="conversions per dtype (the peak varies a little run to run)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and outputs")
+    ap.add_argument("--quantize", choices=("int8", "int8-all"), default=None, help="convert with --quantize")
     a = ap.parse_args()
 
     src = os.path.join(a.workdir, "hf")
@@ -128,10 +130,21 @@ def main():
         runs = []
         for _ in range(a.repeat):
             shutil.rmtree(dst, ignore_errors=True)
-            runs.append(time_v([sys.executable, "-m", "convert.hf_to_flax", src, dst, "--dtype", dt, "--no-progress"],
-                               env))
+            q = ["--quantize", a.quantize] if a.quantize else []
+            runs.append(time_v([sys.executable, "-m", "convert.hf_to_flax", src, dst, "--dtype", dt, "--no-progress",
+                                *q], env))
         rss = [r for r, _ in runs]
         out_bytes = total // 2 if dt == "bfloat16" else total
+        if a.quantize:  # int8 linear weights + float32 scales + the rest in dt (dllm_jax.quant)
+            import jax.numpy as jnp
+
+            from dllm_jax import checkpoint, quant
+            from dllm_jax.models.config import config_from_hf, read_hf_config
+
+            cfg = config_from_hf(read_hf_config(src))
+            out_bytes = quant.param_bytes(checkpoint.abstract_params(cfg, jnp.dtype(dt), quantization=a.quantize))[
+                "total"]
+            dt = f"{dt} --quantize {a.quantize}"
         lo, hi = min(rss) - base_rss, max(rss) - base_rss
         print(f"convert --dtype {dt} ({a.repeat} runs, wall {', '.join(w for _, w in runs)}):")
         print(f"  max RSS         {min(rss) / MiB:8.1f} .. {max(rss) / MiB:.1f} MiB")

@@ -85,7 +85,7 @@ def cmd_generate(a) -> int:
         raise FileNotFoundError(f"model {path!r} not found (the embedded default model lives in "
                                 f"dllm_jax/assets/default_model; pass --model DIR for another checkpoint)")
     mesh = parse_mesh(a.mesh)
-    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh, attention=a.attention)
+    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh, attention=a.attention, quantize=a.quantize)
     tok = None
     if a.ids is None:
         if model.tokenizer_path is None:
@@ -145,6 +145,9 @@ def main(argv=None) -> int:
     g.add_argument("--ids", help="prompt as comma-separated token ids (for checkpoints without a tokenizer)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--attention", default="reference", help="reference | pallas_tpu | pallas_gpu | auto")
+    g.add_argument("--quantize", choices=["int8", "int8-all"], default=None,
+                   help="int8 weight-only quantization at load (int8-all: also embedding + LM head; "
+                        "docs/quantization.md)")
     g.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

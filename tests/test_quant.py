@@ -1,9 +1,9 @@
 """Weight-only int8 quantization (dllm_jax.quant): error bounds, logits vs float, generation, the converter's
 --quantize round trip, sizes, sharding and bad values.
 
-Measured on the golden tiny checkpoints (CPU, float32 compute; docs/quantization.md has the table): int8 logits
-differ from the PyTorch float32 golden logits by a relative L2 error of 0.041 (LLaDA) / 0.062 (Dream), about the
-same as running the model in bfloat16 (0.042 / 0.065); top-1 agreement 0.979 for both. The tiny models have
+Measured on the golden tiny checkpoints (CPU, float32 compute, the golden `input_ids`; docs/quantization.md has the
+full table): int8 logits differ from the PyTorch float32 golden logits by a relative L2 error of 0.041 (LLaDA) /
+0.062 (Dream), about the same as running the model in bfloat16 (0.042 / 0.065); top-1 agreement 0.979 for both. The tiny models have
 large random weights (std ~0.1-0.4 at d_model 64), so they are far more sensitive than real checkpoints.
 """
 
@@ -311,3 +311,18 @@ def test_convert_bad_quantize(fixtures, tmp_path, capsys):
     with pytest.raises(hf_to_flax.ConvertError, match="unknown quantize='int4'"):
         hf_to_flax.convert(str(fixtures / "llada_tiny"), str(dst), quantize="int4")
     assert not dst.exists()
+
+
+def test_cli_generate_quantize(fixtures, llada_model, capsys):
+    from dllm_jax import cli
+
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "8", "--schedule",
+            "llada", "--steps", "8", "--block-length", "8"]
+    assert cli.main(argv + ["--quantize", "int8"]) == 0
+    toks = capsys.readouterr().out.split()
+    sched = make_schedule("llada", 8, llada_model.cfg, steps=8, block_length=8)
+    ref = generate(quant.quantize_model(llada_model, "int8"), [[1, 2, 3]], gen_length=8, schedule=sched)
+    assert toks == [str(int(t)) for t in ref.generated[0]]
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -99,8 +99,11 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
         own = (w0[:, None] + jnp.arange(W)[None]) <= slice_start[:, None]
         x0w = jnp.where(own, x0w, jnp.concatenate([x0w[:, :1], x0w[:, :-1]], axis=1))
         confw = jnp.where(own, confw, jnp.concatenate([confw[:, :1], confw[:, :-1]], axis=1))
-    x0 = row_update(x, x0w, w0)
-    conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confw, w0)
+    # a cache policy may place window row j's output at w0 + j + out_offset (1: a KV-cached next-token decoder that
+    # feeds the last committed token, engine/ar.py)
+    at = w0 + getattr(sched.cache, "out_offset", 0)
+    x0 = row_update(x, x0w, at)
+    conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confw, at)
     return x0, conf, cache
 
 

@@ -84,12 +84,12 @@ DEFAULT_SCHEDULES = ("vanilla", "dual", "threshold", "dual_threshold", "ar", "bd
 PRESETS: dict[str, dict] = {
     # the CI-sized sweep: tiny golden LLaDA unless weights are given
     "quick": dict(gen_lengths=[64, 128], prompts=["short"], batch_sizes=[1, 4], schedules=list(DEFAULT_SCHEDULES),
-                  repeats=1, grid="product"),
+                  repeats=1, grid="star", base_gen=64),
     # CPU runs committed under docs/benchmarks
     "cpu": dict(gen_lengths=[64, 128, 256, 512], prompts=["short", "long"], batch_sizes=[1, 4, 16],
                 schedules=list(DEFAULT_SCHEDULES) + ["bd_threshold"], repeats=2, grid="star"),
     # accelerator sweep
-    "full": dict(gen_lengths=[64, 128, 256, 512, 1024, 2048], prompts=["short", "long"],
+    "full": dict(gen_lengths=[64, 128, 256, 512, 1024, 2048], prompts=["short", "long"], base_gen=256,
                  batch_sizes=[1, 2, 4, 8, 16, 32, 64], schedules=list(DEFAULT_SCHEDULES) + ["bd_threshold"],
                  repeats=3, grid="star"),
 }
@@ -811,7 +811,7 @@ def default_replay_model() -> tuple[str | None, str | None]:
     from dllm_jax.cli import default_model_path
 
     emb = default_model_path()
-    if os.path.exists(emb):
+    if any(os.path.isfile(os.path.join(emb, f)) for f in ("dllm_jax_config.json", "config.json")):
         return emb, "the embedded default model"
     tiny = _repo_fixture("llada_tiny")
     if os.path.exists(tiny):
@@ -859,8 +859,9 @@ def parse_args(argv):
     ap.add_argument("--replay-from", help="checkpoint whose decode traces random-weight threshold runs replay "
                                           "(default: embedded model, else tests/fixtures/llada_tiny)")
     ap.add_argument("--replay-rows", type=int, default=8)
-    ap.add_argument("--project", default="llada-8b", help="shapes (comma-separated, '' for none) to project this "
-                                                          "run's forward patterns onto under the roofline")
+    ap.add_argument("--project", default="llada-8b,dream-7b",
+                    help="shapes (comma-separated, '' for none) to project this run's forward patterns onto under "
+                         "the roofline (bf16 bounds, computed)")
     ap.add_argument("--out", help="output directory (default docs/benchmarks/<machine>_<weights>)")
     ap.add_argument("--name", help="machine label (default: detected)")
     ap.add_argument("--under-load", action="store_true", help="say in the report that the machine was shared")
@@ -896,6 +897,8 @@ def main(argv=None) -> int:
     for k in ("gen_lengths", "batch_sizes", "repeats", "grid"):
         if getattr(a, k) is not None:
             cfg[k] = getattr(a, k)
+    if a.gen_lengths is not None and cfg.get("base_gen") not in a.gen_lengths:
+        cfg.pop("base_gen", None)
     prompt_lengths = a.prompts or {p: PROMPT_KINDS[p] for p in cfg["prompts"]}
     schedules = [s.strip() for s in a.schedules.split(",")] if a.schedules else cfg["schedules"]
     extra = {}
@@ -926,8 +929,10 @@ def main(argv=None) -> int:
                   repeats=cfg["repeats"], block_length=a.block_length, threshold=a.threshold,
                   replay_model=replay_model, replay_label=replay_label, replay_rows=a.replay_rows, seed=a.seed,
                   mem_limit=_mem_limit(), extra=extra)
-    groups = grid(cfg["gen_lengths"], list(prompt_lengths), cfg["batch_sizes"], schedules, cfg["grid"], a.base_gen)
-    out_dir = a.out or os.path.join("docs", "benchmarks", f"{info['slug']}_{re.sub(r'[^a-z0-9]+', '-', wlabel.lower())}")
+    groups = grid(cfg["gen_lengths"], list(prompt_lengths), cfg["batch_sizes"], schedules, cfg["grid"],
+                  a.base_gen or cfg.get("base_gen"))
+    wslug = re.sub(r"[^a-z0-9]+", "-", wlabel.lower())
+    out_dir = a.out or os.path.join("docs", "benchmarks", f"{info['slug']}_{wslug}")
     t0 = time.perf_counter()
     points = run_grid(bench, groups, methods, prompt_lengths, progress=not a.no_progress)
     try:
@@ -942,8 +947,9 @@ def main(argv=None) -> int:
                     if replay_model is not None else "native on random weights (no replay model found)")
     else:
         nfe_note = f"native: the checkpoint's own decode ({weights})"
-    result = {"machine": info, "peak_name": peak_name, "peak": peak, "weights": weights, "params": param_count(model.cfg),
-              "model_config": model.cfg.to_dict(), "dtype": dtype, "schedules": schedules,
+    result = {"machine": info, "peak_name": peak_name, "peak": peak, "weights": weights,
+              "params": param_count(model.cfg), "model_config": model.cfg.to_dict(), "dtype": dtype,
+              "schedules": schedules,
               "block_length": a.block_length, "threshold": a.threshold, "grid": cfg["grid"],
               "repeats": cfg["repeats"], "nfe_note": nfe_note, "wall_s": time.perf_counter() - t0,
               "counting": "tok_s = batch * gen_length / best run wall time (no EOS early stop; compile excluded); "

@@ -2,7 +2,6 @@
 block-diffusion baselines (cached == recompute), and OOM handling."""
 
 import json
-import os
 
 import jax
 import numpy as np

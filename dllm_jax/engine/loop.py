@@ -7,6 +7,9 @@ Iteration (per row, all rows batched; finished rows are frozen with `where`, not
   3. the window policy may resolve its window from these (AdaBlock); candidates = masked positions in [s, e);
   4. the acceptance rule picks the positions to commit (a refresh forward may commit only the first mask);
   5. states advance; a block is done when the acceptance rule and the cache policy agree; the window moves on.
+     A window policy whose rows are branches of one request (BlockBatch) may also coordinate rows after the commit
+     (`Window.coordinate`: rewrite the canvas, copy KV rows) using extra per-position statistics of the forward
+     (`Window.aux_stats`).
 """
 
 from __future__ import annotations
@@ -70,7 +73,29 @@ class Schedule:
         return dataclasses.replace(self, **{n: dataclasses.replace(getattr(self, n), **u) for n, u in parts.items()})
 
 
-def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step):
+def _rows(mask_B, a):
+    """Broadcast a per-row [B] mask against an array [B, ...]."""
+    return mask_B.reshape(mask_B.shape + (1,) * (a.ndim - 1))
+
+
+def _aux_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, logits, w0, slice_start):
+    """Extra per-position statistics a window policy asks of every forward (`Window.wants_aux`, e.g. BlockBatch's
+    token-probability maps), computed from the logits aligned to canvas positions (Dream's shift applied as for x0)
+    and scattered into canvas-sized arrays [B, L, ...] (zeros where the forward computed nothing)."""
+    win = sched.window
+    if not getattr(win, "wants_aux", False):
+        return {}
+    B, T = logits.shape[:2]
+    rel = jnp.arange(T, dtype=jnp.int32)[None]
+    if cfg.logit_shift:
+        own = (w0[:, None] + rel) <= slice_start[:, None]
+        logits = jnp.where(own[..., None], logits, jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1))
+    aux = win.aux_stats(wst, ctx, logits, w0[:, None] + rel)
+    return {k: row_update(jnp.zeros((B, ctx.total_len) + v.shape[2:], v.dtype), v, w0) for k, v in aux.items()}
+
+
+def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
+                wst=None):
     if sched.cfg_scale > 0:
         # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
@@ -83,17 +108,21 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
     else:
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid)
     x0, conf = token_stats(sched.sampler, logits, keys, step)
+    zeros = jnp.zeros((ctx.batch,), jnp.int32)
+    aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
     if cfg.logit_shift:
         x0 = jnp.concatenate([x0[:, :1], x0[:, :-1]], axis=1)
         conf = jnp.concatenate([conf[:, :1], conf[:, :-1]], axis=1)
-    return x0, conf, kv
+    return x0, conf, kv, aux
 
 
-def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W):
+def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W,
+                  wst=None):
     w0, write, slice_start = plan
     tokens = row_slice(x, w0, W)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid)
     x0w, confw = token_stats(sched.sampler, logits, keys, step)
+    aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
     if cfg.logit_shift:
         # shift inside the reference's slice: its first position keeps its own row
         own = (w0[:, None] + jnp.arange(W)[None]) <= slice_start[:, None]
@@ -104,7 +133,7 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
     at = w0 + getattr(sched.cache, "out_offset", 0)
     x0 = row_update(x, x0w, at)
     conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confw, at)
-    return x0, conf, cache
+    return x0, conf, cache, aux
 
 
 def init_cache(cfg: ModelConfig, ctx: Ctx, dtype, sharding=None):
@@ -164,25 +193,26 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         if cpol.has_cache:
             kv = c["kv"]
             plan = cpol.plan_window(cs, ctx, w, W)
-            full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step)  # noqa: E731
+            full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w)  # noqa
             window = lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step,  # noqa
-                                           kv, plan, W)
+                                           kv, plan, W, w)
 
             def mixed():
-                xf, cf, kvf = full()
-                xw, cw, kvw = window()
+                xf, cf, kvf, af = full()
+                xw, cw, kvw, aw = window()
                 m = need_full[:, None]
                 kvm = jax.tree.map(lambda a, b: jnp.where(need_full[None, :, None, None, None], a, b), kvf, kvw)
-                return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm
+                am = jax.tree.map(lambda a, b: jnp.where(_rows(need_full, a), a, b), af, aw)
+                return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm, am
 
             if B == 1:  # a single row never mixes: skip compiling the mixed branch
-                x0, conf, kv = jax.lax.cond(need_full[0], full, window)
+                x0, conf, kv, aux = jax.lax.cond(need_full[0], full, window)
             else:
                 live_full = need_full | ~active
                 branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
-                x0, conf, kv = jax.lax.switch(branch, [window, full, mixed])
+                x0, conf, kv, aux = jax.lax.switch(branch, [window, full, mixed])
         else:
-            x0, conf, _ = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step)
+            x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w)
         did_full = need_full & active
 
         w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
@@ -204,11 +234,16 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         cs = cpol.after_forward(cs, did_full, active)
         cs = cpol.after_commit(cs, ctx, n_commit, did_full)
         w = win.after_commit(w, ctx, x, n_commit)
+        # cross-row coordination (BlockBatch: rows are branches of one request): may rewrite the canvas and name,
+        # per row, the row whose KV cache it takes over (None: no copy)
+        w, x, src_rows = win.coordinate(w, ctx, x, aux, did_full, n_commit, kv if cpol.has_cache else None)
+        if src_rows is not None and cpol.has_cache:
+            kv = jax.tree.map(lambda a: jnp.take(a, src_rows, axis=1), kv)
 
         no_mask = ~jnp.any((x == ctx.mask_id) & in_range(pos, w["s"], w["e"]), axis=1)
         bdone = acc.block_done(a, ctx, i, no_mask) & cpol.block_ready(cs) & active
         w_next, finished = win.advance(w, ctx, x, bdone)
-        w = jax.tree.map(lambda new, old: jnp.where(active, new, old), w_next, w)
+        w = jax.tree.map(lambda new, old: jnp.where(_rows(active, new), new, old), w_next, w)
         i = jnp.where(bdone, 0, i)
         cs = cpol.new_block(cs, bdone)
         n_mask = jnp.sum((x == ctx.mask_id) & in_range(pos, w["s"], w["e"]), axis=1).astype(jnp.int32)

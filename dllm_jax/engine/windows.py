@@ -33,6 +33,17 @@ class Window:
     def advance(self, st, ctx: Ctx, x_BxL, block_done_B):
         raise NotImplementedError
 
+    # Cross-row hooks (BlockBatch). `wants_aux`: the loop computes `aux_stats(st, ctx, logits_BxTxV, pos_BxT)` (logits
+    # aligned to the canvas positions pos) for every forward and scatters it into canvas-sized arrays; `coordinate`
+    # runs after every commit and may rewrite the canvas and return, per row, the row whose KV cache it takes over.
+    wants_aux = False
+
+    def aux_stats(self, st, ctx: Ctx, logits_BxTxV, pos_BxT) -> dict:
+        return {}
+
+    def coordinate(self, st, ctx: Ctx, x_BxL, aux, did_full_B, n_commit_B, kv):
+        return st, x_BxL, None
+
     def validate(self, ctx: Ctx) -> None:
         pass
 

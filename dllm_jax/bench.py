@@ -385,8 +385,13 @@ def make_prompts(cfg, n_rows: int, length: int, seed: int) -> list[list[int]]:
     bos = cfg.get("bos_token_id")
     if isinstance(bos, int) and 0 < bos < hi:
         hi = bos
+    lo = 0
+    if hi < cfg.vocab_size // 2:  # special ids at the bottom of the vocabulary (the embedded char model: 0..6)
+        specials = [cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id] + \
+            [v for v in (cfg.get("bos_token_id"), cfg.get("eot_token_id")) if isinstance(v, int)]
+        lo, hi = max(specials) + 1, cfg.vocab_size
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, hi, length).tolist() for _ in range(n_rows)]
+    return [rng.integers(lo, hi, length).tolist() for _ in range(n_rows)]
 
 
 def _generate(model, prompts, gen_length, schedule):

@@ -22,7 +22,7 @@ SCRIPT = textwrap.dedent("""
 
 def _run(cache, model, env):
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(cache), str(model)], env=env, capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     return [ln for ln in r.stdout.splitlines() if ln.startswith("TOKENS")]
 

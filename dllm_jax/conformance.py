@@ -36,6 +36,9 @@ _FN_MAP = (
      "_sample_adablock", "adablock_dream"),
     ("AdaBlock-dLLM dream/model/generation_utils_adablock.py::DreamGenerationMixin.diffusion_generate -> "
      "_sample_adablock_cache", "adablock_dream_dual"),
+    ("Laurence-Wu/BlockBatch llada/generate_blockBatching_original_bulk.py", "blockbatch"),
+    ("Laurence-Wu/BlockBatch llada/generate_blockBatching_expand_sim_refresh_dominent_RMS.py", "blockbatch_rms"),
+    ("Laurence-Wu/BlockBatch dream/generate_blockBatching_original_bulk.py", "blockbatch_dream"),
 )
 
 # arguments that only select the preset (consumed by the mapping above), per preset
@@ -73,6 +76,9 @@ def map_case(case: dict, model_cfg) -> tuple[str, dict, dict]:
             if not case.get("delimiter_ids_effective"):
                 raise Unsupported("patched AdaBlock Dream sampler without `delimiter_ids_effective`")
             args["delimiter_ids"] = list(case["delimiter_ids_effective"])
+    if name.startswith("blockbatch") and case.get("eos_token_id") is not None:
+        # the case may override the model config's eos_token_id (a config value the reference reads)
+        args["eos_token_id"] = int(case["eos_token_id"])
     gen_kw = {}
     am = args.get("attention_mask")
     if isinstance(am, str):
@@ -117,6 +123,14 @@ def run_cases(model, cases: list[dict]) -> list[dict]:
                 sched = make_schedule(name, gen_length, model.cfg, **kw)
             except TypeError as e:
                 raise Unsupported(f"preset {name} does not take these arguments: {e}") from None
+            if name.startswith("blockbatch"):
+                from dllm_jax.engine.blockbatch import generate_branches
+
+                bb = generate_branches(model, np.asarray(case["prompt"]), gen_length=gen_length, schedule=sched)
+                out.append({"id": cid, "preset": name, "output": [s.tolist() for s in bb.sequences],
+                            "nfe": bb.nfe[0], "nfe_returned": bb.nfe_returned[0], "winner": bb.winner[0],
+                            "exit": bb.exit[0], "raw_row_forwards": bb.raw_row_forwards[0]})
+                continue
             res = generate(model, np.asarray(case["prompt"]), gen_length=gen_length, schedule=sched, bucket=False,
                            **gen_kw)
             nfe = [int(v) for v in res.nfe]

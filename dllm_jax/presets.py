@@ -343,10 +343,70 @@ def adablock_dream_dual(gen_length, **kw):
     return _adablock_dream(True, gen_length, **kw)
 
 
+def _branch_sizes(gen_length, block_sizes):
+    try:
+        sizes = tuple(sorted(int(b) for b in block_sizes))
+    except TypeError:
+        raise PresetError(f"block_sizes must be a list of ints, got {block_sizes!r}") from None
+    if not sizes or any(b <= 0 or gen_length % b for b in sizes):
+        raise PresetError(f"gen_length ({gen_length}) must be divisible by every block size {list(sizes)}")
+    if len(set(sizes)) != len(sizes):
+        raise PresetError(f"block sizes must be distinct, got {list(block_sizes)}")
+    return sizes
+
+
+def _blockbatch(variant, gen_length, *, block_sizes=(4, 8, 16, 32), threshold=0.9, sync_threshold=8,
+                conf_threshold=0.5, refresh_block_size=32, temperature=0.0, remasking="low_confidence",
+                eos_token_id=None, stop_on_eos=False, top_p=None, top_k=None, steps=None, model_cfg=None):
+    from dllm_jax.engine.blockbatch import BranchBlocks, BranchCache, NoCommit
+
+    name = {"bulk": "blockbatch", "rms": "blockbatch_rms", "dream": "blockbatch_dream"}[variant]
+    sizes = _branch_sizes(gen_length, block_sizes)
+    if threshold is None or not (0.0 < threshold <= 1.0):
+        raise PresetError(f"threshold must lie in (0, 1], got {threshold}")
+    if variant != "dream" and (temperature or remasking != "low_confidence"):
+        raise PresetError(f"{name} supports greedy decoding only (temperature=0, remasking='low_confidence')")
+    if sync_threshold is None or sync_threshold < 0:
+        raise PresetError(f"sync_threshold must be >= 0, got {sync_threshold}")
+    if refresh_block_size is None or refresh_block_size <= 0:
+        raise PresetError(f"refresh_block_size must be > 0, got {refresh_block_size}")
+    if not (0.0 <= conf_threshold <= 1.0):
+        raise PresetError(f"conf_threshold must lie in [0, 1], got {conf_threshold}")
+    eos = eos_token_id if eos_token_id is not None else (model_cfg.eos_token_id if model_cfg else -1)
+    if variant == "dream":
+        # Dream: temperature/top_p/top_k are overwritten by the reference (greedy); EOS only matters with stop_on_eos
+        eos = eos if stop_on_eos else -1
+    win = BranchBlocks(block_sizes=sizes, variant=variant, threshold=float(threshold),
+                       sync_threshold=int(sync_threshold), conf_threshold=float(conf_threshold),
+                       refresh_block_size=int(refresh_block_size), eos_id=int(eos))
+    acc = NoCommit() if variant == "dream" else Threshold(threshold=float(threshold))
+    return Schedule(window=win, accept=acc, cache=BranchCache(predecessor=variant == "dream"),
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False), name=name)
+
+
+def blockbatch(gen_length, **kw):
+    """BlockBatch LLaDA (original_bulk): one branch per block size as rows of one batched forward, confidence-gated
+    merge, leader sync, periodic refresh (every R tokens of block advances), EOS cycle. Run with
+    dllm_jax.engine.blockbatch.generate_branches (one request = len(block_sizes) rows)."""
+    return _blockbatch("bulk", gen_length, **kw)
+
+
+def blockbatch_rms(gen_length, **kw):
+    """BlockBatch LLaDA, RMS variant: the refresh is triggered by KV-row divergence (RMS chord shell), merges scan
+    [P, max source block end) and count as decoded tokens."""
+    return _blockbatch("rms", gen_length, **kw)
+
+
+def blockbatch_dream(gen_length, **kw):
+    """BlockBatch Dream (original_bulk): predecessor-window block steps, one greedy seed token per full forward."""
+    return _blockbatch("dream", gen_length, **kw)
+
+
 _ADVANCED: dict[str, Callable[..., Schedule]] = {
     "dsb": dsb, "dsb_cache": dsb_cache, "dsb_dream": dsb_dream, "dsb_dream_cache": dsb_dream_cache,
     "adablock": adablock, "adablock_prefix": adablock_prefix, "adablock_dual": adablock_dual,
     "adablock_dream": adablock_dream, "adablock_dream_dual": adablock_dream_dual,
+    "blockbatch": blockbatch, "blockbatch_rms": blockbatch_rms, "blockbatch_dream": blockbatch_dream,
 }
 
 

@@ -17,14 +17,14 @@ import re
 
 NAME = "arith"
 DESCRIPTION = "arithmetic word problems, 2-4 worked steps, final '#### answer' line"
-MAX_PROMPT_CHARS = 110
+MAX_PROMPT_CHARS = 104
 MAX_TARGET_CHARS = 56
 
 NAMES = [("Ann", "She"), ("Ben", "He"), ("Cal", "He"), ("Dee", "She"), ("Eve", "She"), ("Gus", "He"),
          ("Ivy", "She"), ("Jo", "He"), ("Kim", "She"), ("Max", "He"), ("Ned", "He"), ("Pam", "She"),
          ("Ray", "He"), ("Sam", "He"), ("Tia", "She"), ("Uma", "She")]
 ITEMS = ["pens", "cards", "eggs", "coins", "books", "shells", "stamps", "beads", "nuts", "toys"]
-ADD = ["buys {n} more", "finds {n}", "gets {n} more", "wins {n}"]
+ADD = ["buys {n}", "finds {n}", "gets {n}", "wins {n}"]
 SUB = ["gives away {n}", "loses {n}", "sells {n}", "drops {n}"]
 BOXES = ["bags", "boxes", "packs"]
 TOTAL_MAX = 199

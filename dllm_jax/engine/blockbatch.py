@@ -79,7 +79,9 @@ class BranchCache(Cache):
         return wst["refresh"]
 
     def width(self, ctx, window):
-        return window.max_width(ctx)
+        # predecessor window: the loop applies Dream's shift inside the window (position p <- row p-1), so the
+        # static window needs one more row than the block to reach the block's last position
+        return min(window.max_width(ctx) + (1 if self.predecessor else 0), ctx.total_len)
 
     def plan_window(self, st, ctx, wst, W):
         off = 1 if self.predecessor else 0

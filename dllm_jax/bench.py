@@ -715,8 +715,7 @@ def plots(result: dict, out_dir: str) -> list[str]:
                 ax.plot(*zip(*s), "o-", color=colors[m], label=m)
         ax.set(xscale="log", yscale="log", xlabel="generation length (tokens)", ylabel="tokens/s",
                title=f"{pr} prompt, batch {b0}")
-        ax.set_xticks(sorted({p["gen_length"] for p in pts}))
-        ax.set_xticklabels([str(g) for g in sorted({p["gen_length"] for p in pts})])
+        _log2_ticks(ax, sorted({p["gen_length"] for p in pts}))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -740,9 +739,7 @@ def plots(result: dict, out_dir: str) -> list[str]:
             ax.text(p["batch"], ax.get_ylim()[1], f" OOM {p['method']}", rotation=90, va="top", fontsize=7)
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens/s (all rows)",
            title=f"{pr} prompt, generation length {g}")
-    bs = sorted({p["batch"] for p in ok})
-    ax.set_xticks(bs)
-    ax.set_xticklabels([str(b) for b in bs])
+    _log2_ticks(ax, sorted({p["batch"] for p in ok}))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -772,6 +769,15 @@ def plots(result: dict, out_dir: str) -> list[str]:
     files.append(_save(fig, out_dir, "roofline.png"))
     plt.close("all")
     return files
+
+
+def _log2_ticks(ax, values):
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ax.xaxis.set_major_locator(FixedLocator(values))
+    ax.set_xticklabels([str(v) for v in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _save(fig, out_dir, name):
@@ -871,6 +877,7 @@ def parse_args(argv):
     ap.add_argument("--name", help="machine label (default: detected)")
     ap.add_argument("--under-load", action="store_true", help="say in the report that the machine was shared")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--replot", metavar="DIR", help="only re-render summary.md and the plots from DIR/bench.json")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
@@ -897,6 +904,12 @@ def load_weights(a):
 
 def main(argv=None) -> int:
     a = parse_args(list(argv or []))
+    if a.replot:
+        with open(os.path.join(a.replot, "bench.json")) as f:
+            result = json.load(f)
+        paths = write_outputs(result, a.replot, make_plots=not a.no_plots)
+        print(f"[bench] re-rendered {paths['markdown']}", file=sys.stderr)
+        return 0
     preset = a.preset or ("quick" if not (a.model or a.random_weights) else "cpu")
     cfg = dict(PRESETS[preset])
     for k in ("gen_lengths", "batch_sizes", "repeats", "grid"):

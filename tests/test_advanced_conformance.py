@@ -20,20 +20,22 @@ G = importlib.import_module("dllm_jax.generate")
 FILES = {
     "dsb_llada.json": "llada", "dsb_dream.json": "dream",
     "adablock_llada.json": "llada", "adablock_dream.json": "dream",
+    "blockbatch_llada.json": "llada", "blockbatch_dream.json": "dream",
 }
 
 # representative subset: every preset / variant / quirk at least once (thresholds share compiled programs)
 FAST = {
-    "dsb_llada.json": ["dsb_nocache_const_g32_bl8_th0.9", "dsb_nocache_greedy_g32_bl8_th0.5",
-                       "dsb_cache_const_g32_bl8_th0.9_pwl4_swl0", "dsb_cache_greedy_g32_bl8_th0.9_pwl8_swl0",
+    "dsb_llada.json": ["dsb_nocache_const_g32_bl8_th0.9", "dsb_cache_const_g32_bl8_th0.9_pwl4_swl0",
                        "dsb_cache_greedy_g32_bl8_th0.9_pwl4_swl4"],
-    "dsb_dream.json": ["dsb_dream_nocache_greedy_g32_bl8_th0.9", "dsb_dream_cache_const_g32_bl8_th0.9_pwl4",
-                       "dsb_dream_cache_greedy_g32_bl8_th0.5_pwl8"],
-    "adablock_llada.json": ["adablock_nocache_g32_ib8_frequent_tau0.3", "adablock_prefix_g32_ib8_frequent_tau0.7",
-                            "adablock_dual_g32_ib8_frequent_tau0.1", "adablock_dual_g32_ib8_official_198_tauinf"],
+    "dsb_dream.json": ["dsb_dream_nocache_greedy_g32_bl8_th0.9", "dsb_dream_cache_const_g32_bl8_th0.9_pwl4"],
+    "adablock_llada.json": ["adablock_prefix_g32_ib8_frequent_tau0.7", "adablock_dual_g32_ib8_frequent_tau0.1"],
     "adablock_dream.json": ["adablock_dream_nocache_g32_ib8_frequent_tau0.3",
-                            "adablock_dream_dual_g32_ib8_frequent_tau0.3",
-                            "adablock_dream_dual_g32_ib8_official_list_tau0.5"],
+                            "adablock_dream_dual_g32_ib8_frequent_tau0.3"],
+    "blockbatch_llada.json": ["blockbatch_bulk_g32_bs4-8-16_th0.9_sync4_conf0.5_R16",
+                              "blockbatch_bulk_g32_bs4-8-16_th0.9_sync8_conf0.5_R16_eos142",
+                              "blockbatch_rms_g32_bs4-8-16_th0.9_eos115"],
+    "blockbatch_dream.json": ["blockbatch_dream_g32_bs4-8-16_th0.9_sync8_R16",
+                              "blockbatch_dream_g32_bs4-8-16_th0.9_sync8_R32_stopeos278"],
 }
 
 _ANSWER_KEYS = ("output", "nfe_counted", "nfe_returned", "forward_inputs", "forward_windows", "block_history",
@@ -160,3 +162,58 @@ def test_adablock_block_lengths_follow_delimiters(llada_model):
 def test_invalid_arguments(llada_model, preset, kw, msg):
     with pytest.raises(PresetError, match=msg):
         make_schedule(preset, 16, llada_model.cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BlockBatch: cross-row policies
+
+BB = [("blockbatch", dict(block_sizes=[4, 8, 16], sync_threshold=2, refresh_block_size=8)),
+      ("blockbatch_rms", dict(block_sizes=[4, 8, 16])),
+      ("blockbatch_dream", dict(block_sizes=[4, 8, 16], sync_threshold=2, refresh_block_size=8))]
+
+
+@pytest.mark.parametrize("preset,kw", [pytest.param(*BB[0]), pytest.param(*BB[1], marks=pytest.mark.slow),
+                                       pytest.param(*BB[2])])
+def test_blockbatch_steps(llada_model, dream_model, preset, kw):
+    """Every step: a decoded token changes only when its row became a copy of another row of the request (leader
+    sync / final winner); the run ends within the NFE bound with the winner's row in every row."""
+    model = dream_model if "dream" in preset else llada_model
+    gen = 16
+    sched = make_schedule(preset, gen, model.cfg, eos_token_id=-1, **kw)
+    N = sched.window.rows_per_request
+    ctx, xs, res = _stepwise(model, sched, [PROMPT] * N, gen)
+    assert not res["unfinished"].any() and 1 <= int(res["nfe"][0]) <= 4 * gen + 8
+    M = ctx.mask_id
+    for a, b in zip(xs, xs[1:]):
+        for r in range(N):
+            changed = (a[r] != M) & (a[r] != b[r])
+            if changed.any():
+                assert any((b[r] == b[q]).all() for q in range(N) if q != r), "a committed token changed"
+    final = xs[-1]
+    assert (final == final[0]).all()  # every row holds the request's output
+    assert not (final[0, ctx.prompt_len:] == M).any()
+
+
+def test_blockbatch_requests_are_independent(llada_model):
+    """Two requests in one batch (two row groups) give each request's single-request result."""
+    from dllm_jax.engine.blockbatch import generate_branches
+
+    sched = make_schedule("blockbatch", 16, llada_model.cfg, block_sizes=[4, 8], sync_threshold=2,
+                          refresh_block_size=8)
+    both = generate_branches(llada_model, [PROMPT, PROMPT2], gen_length=16, schedule=sched, bucket=True)
+    for i, p in enumerate((PROMPT, PROMPT2)):
+        one = generate_branches(llada_model, [p], gen_length=16, schedule=sched, bucket=True)
+        np.testing.assert_array_equal(both.sequences[i], one.sequences[0])
+        assert (both.nfe[i], both.nfe_returned[i], both.winner[i]) == (one.nfe[0], one.nfe_returned[0],
+                                                                         one.winner[0])
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(block_sizes=[4, 5]), "divisible"),
+    (dict(block_sizes=[4, 4]), "distinct"),
+    (dict(block_sizes=[4, 8], temperature=0.5), "greedy"),
+    (dict(block_sizes=[4, 8], sync_threshold=-1), "sync_threshold"),
+])
+def test_blockbatch_invalid_arguments(llada_model, kw, msg):
+    with pytest.raises(PresetError, match=msg):
+        make_schedule("blockbatch", 16, llada_model.cfg, **kw)

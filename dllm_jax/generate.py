@@ -165,6 +165,10 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     same bucket reuse the compiled program. seed: an int (row b uses seed + b) or one seed per row; with a per-row
     seed a row's sampled output does not depend on the rest of the batch.
     """
+    if getattr(schedule.window, "rows_per_request", 1) > 1:
+        # a request is several rows (BlockBatch branches): its runner expands the requests and returns the winners
+        raise ScheduleError(f"schedule {schedule.name!r} runs each request as several rows; use "
+                            "dllm_jax.engine.blockbatch.generate_branches")
     ctx, x, valid, positions, keys = prepare(model, prompt_ids, gen_length, schedule, attention_mask, bucket, seed)
     params = model.params
     trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0

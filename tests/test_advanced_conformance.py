@@ -217,3 +217,9 @@ def test_blockbatch_requests_are_independent(llada_model):
 def test_blockbatch_invalid_arguments(llada_model, kw, msg):
     with pytest.raises(PresetError, match=msg):
         make_schedule("blockbatch", 16, llada_model.cfg, **kw)
+
+
+def test_generate_points_blockbatch_to_its_runner(llada_model):
+    sched = make_schedule("blockbatch", 16, llada_model.cfg, block_sizes=[4, 8])
+    with pytest.raises(G.ScheduleError, match="generate_branches"):
+        G.generate(llada_model, [PROMPT], gen_length=16, schedule=sched)

@@ -337,8 +337,9 @@ class BranchBlocks(Window):
         w_eos = _grp(jnp.where(ready, eprob, -jnp.inf), N)
         eos_winner = jnp.repeat(jnp.arange(B // N) * N + jnp.argmax(w_eos, axis=1), N).astype(jnp.int32)
 
-        # policy: advance, merge, sync (original_bulk skips it after a refresh whose rows all still have masks in
-        # their blocks: the official loop then goes straight to the next block step)
+        # policy: advance, merge, sync. quirk (original_bulk): skipped after a refresh whose active rows all still have
+        # masks in their blocks (the official loop goes straight to the next block step); when the refresh completed
+        # every block, the official next iteration runs no forward, only this policy step: folded in here
         masks_left = active & ~complete
         if rms:
             do_pol = run & ~any_ready
@@ -380,7 +381,7 @@ class BranchBlocks(Window):
         ss, se, sd = self._snap_llada(ctx, x, bs)
         ns, ne, nd = jnp.where(madv, ss, ns), jnp.where(madv, se, ne), jnp.where(madv, sd, nd)
         if rms:
-            td = td + filled  # RMS counts merged tokens as decoded (original_bulk does not)
+            td = td + filled  # quirk: RMS counts merged tokens as decoded (original_bulk does not)
         else:
             cnt = jnp.where(madv & ~nd, cnt + 1, cnt)
             flag = flag | (madv & ~nd & (cnt * bs >= self.refresh_block_size))
@@ -389,7 +390,7 @@ class BranchBlocks(Window):
         sy = pol & (rows != lead) & ~nd & (tdl - td > self.sync_threshold)
         x = jnp.where(sy[:, None], x[lead], x)
         src_total = jnp.where(sy, src_total[lead], src_total)
-        if rms:
+        if rms:  # quirk (RMS): the EOS flag travels with the sync (a stale flag can end the run later)
             hit = jnp.where(sy, hit[lead], hit)
             eprob = jnp.where(sy, eprob[lead], eprob)
         ss, se, sd = self._snap_llada(ctx, x, bs)
@@ -403,7 +404,7 @@ class BranchBlocks(Window):
             want = self._rms_refresh(ctx, kv_n, act_n) & ~force
         else:
             want = _gany(flag & act_n, N)
-        # natural exit: every branch done -> the first branch (max progress, all equal)
+        # natural exit: every branch done -> quirk: the first branch (max progress; every branch has progress G)
         all_done = ~_gany(act_n, N) & run & ~any_ready
         nat_winner = jnp.repeat(jnp.arange(B // N) * N, N).astype(jnp.int32)
         blkn = in_range(pos, ns, ne)
@@ -525,7 +526,7 @@ class BranchBlocks(Window):
         cnt = st["cnt"] + jnp.where(adv, jnp.maximum(sn["prog"] - st["prog"], 0), 0)
         cnt = jnp.where(full & rows_on, 0, cnt)
         prog = jnp.where(run, sn["prog"], st["prog"])
-        # exits after the forward
+        # exits after the forward (quirk: Dream ends as soon as ONE branch has no mask, the largest such block wins)
         r1, c1, w1 = self._dream_ready(ctx, x, sn, run)
         ex1 = r1 | c1
         # policy after block steps: merge (dst's own block, >= tau), then sync to the leader

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -62,23 +63,28 @@ class TrainConfig:
     random_end_frac: float = 0.5  # rows whose buffer ends at a random length after the answer
     seed: int = 0
     task_weights: tuple = (("arith", 0.45), ("code", 0.25), ("sort", 0.30))
+    # warm restarts: ((steps, peak lr / lr, warmup), ...) summing to `steps`; () = one warmup + cosine cycle
+    restarts: tuple = ()
     ckpt_every: int = 100
     log_every: int = 10
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["task_weights"] = [list(p) for p in self.task_weights]
+        d["restarts"] = [list(p) for p in self.restarts]
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "TrainConfig":
         d = dict(d)
         d["task_weights"] = tuple(tuple(p) for p in d.get("task_weights", ()))
+        d["restarts"] = tuple(tuple(p) for p in d.get("restarts", ()))
         return TrainConfig(**d)
 
 
 PRESETS = {
-    "default": TrainConfig(),
+    # two cosine cycles: 1200 steps at lr 2e-3, then a warm restart of 600 steps at 1e-3
+    "default": TrainConfig(steps=1800, restarts=((1200, 1.0, 100), (600, 0.5, 50))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -114,11 +120,14 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
     prompt_len = np.zeros(B, np.int32)
     valid_len = np.full(B, T, np.int32)
     for b in range(B):
-        ex = tasks_mod.sample(names[choice[b]], rng, split)
-        p = tok.encode_prompt(ex.prompt)
-        r = tok.encode(ex.target) + [tok.eos_id]
-        if len(p) + len(r) > T:
-            raise ValueError(f"example longer than seq_len={T}: {len(p)}+{len(r)}")
+        for _ in range(100):  # redraw the (rare) examples that do not fit the buffer
+            ex = tasks_mod.sample(names[choice[b]], rng, split)
+            p = tok.encode_prompt(ex.prompt)
+            r = tok.encode(ex.target) + [tok.eos_id]
+            if len(p) + len(r) <= T:
+                break
+        else:
+            raise ValueError(f"seq_len={T} is too short for task {names[choice[b]]!r}")
         tokens[b, :len(p)] = p
         tokens[b, len(p):len(p) + len(r)] = r
         prompt_len[b] = len(p)
@@ -177,11 +186,30 @@ def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key,
 def make_optimizer(tc: TrainConfig):
     import optax
 
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup, 1), max(tc.steps, tc.warmup + 1),
-                                               end_value=tc.lr * tc.min_lr_ratio)
+    cycles = tc.restarts or ((tc.steps, 1.0, tc.warmup),)
+    if sum(c[0] for c in cycles) != tc.steps:
+        raise ValueError(f"restarts {cycles} do not add up to steps={tc.steps}")
+    parts, bounds, at = [], [], 0
+    for i, (n, peak, warm) in enumerate(cycles):
+        init = 0.0 if i == 0 else tc.lr * tc.min_lr_ratio
+        parts.append(optax.warmup_cosine_decay_schedule(init, tc.lr * peak, max(warm, 1), max(n, warm + 1),
+                                                        end_value=tc.lr * tc.min_lr_ratio))
+        at += n
+        bounds.append(at)
+    sched = parts[0] if len(parts) == 1 else optax.join_schedules(parts, bounds[:-1])
     decay_mask = lambda p: jax.tree.map(lambda a: a.ndim >= 2, p)  # noqa: E731 - no decay on norms
     return optax.chain(optax.clip_by_global_norm(tc.clip),
                        optax.adamw(sched, b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask)), sched
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(cfg: ModelConfig, tc: TrainConfig):
+    return make_train_step(cfg, tc, make_optimizer(tc)[0])
+
+
+def _step_fn_key(tc: TrainConfig) -> TrainConfig:
+    """The fields the jitted step depends on (others zeroed so runs differing only in them share a compile)."""
+    return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0)
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
@@ -193,7 +221,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
             params, cfg, tokens, prompt_len, valid_len, key, tc.eps)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, metrics
 
     return train_step
@@ -203,10 +231,13 @@ def step_key(tc: TrainConfig, step: int):
     return jax.random.fold_in(jax.random.key(tc.seed + 1), step)
 
 
+_diffusion_loss_jit = jax.jit(diffusion_loss, static_argnames=("cfg", "eps"))
+
+
 def eval_loss(params, cfg: ModelConfig, tc: TrainConfig, n_batches: int = 2, step0: int = 10**6) -> float:
     """Objective on fixed held-out batches with fixed masks (a low-noise loss for comparisons)."""
     tok = CharTokenizer()
-    fn = jax.jit(diffusion_loss, static_argnames=("cfg", "eps"))
+    fn = _diffusion_loss_jit
     out = []
     for i in range(n_batches):
         tokens, pl, vl = make_batch(tc, step0 + i, tok, split="heldout")
@@ -399,7 +430,7 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
             json.dump({"train_config": tc.to_dict(), "model": cfg.to_dict(), "seconds": seconds_at}, f, indent=1)
 
     write_state()
-    train_step = make_train_step(cfg, tc, opt)
+    train_step = _cached_train_step(cfg, _step_fn_key(tc))
     end = tc.steps if stop_after is None else min(tc.steps, stop_after)
     history = []
     t0 = time.time()

@@ -120,6 +120,9 @@ class QArray:
     scale: jax.Array
     dtype: np.dtype = dataclasses.field(default=np.dtype(np.float32))  # static: the compute dtype
 
+    def __post_init__(self):  # one spelling of the dtype, so equal trees have equal (hashable) treedefs
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
     @property
     def shape(self):
         return tuple(self.q.shape)

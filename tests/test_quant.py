@@ -205,6 +205,23 @@ def test_load_float_converted_with_quantize(fixtures, tmp_path, fam, request):
     _tree_equal(dllm_jax.load(str(d8), quantize="int8-all").params, quant.quantize_model(model, "int8-all").params)
 
 
+def test_host_side_quantization_path(fixtures, tmp_path, monkeypatch, llada_model):
+    """The accelerator path of restore_converted (float leaves restored on the host CPU, quantized there, then
+    placed), forced on CPU: same params as quantizing directly, with and without a mesh."""
+    from dllm_jax import checkpoint
+
+    dst = tmp_path / "f32"
+    dst.mkdir()
+    save_converted(str(dst), llada_model.cfg, llada_model.params)
+    monkeypatch.setattr(checkpoint, "_host_device", lambda: jax.devices("cpu")[0])
+    want = quant.quantize_model(llada_model, "int8").params
+    _tree_equal(dllm_jax.load(str(dst), quantize="int8").params, want)
+    mesh = sharding.make_mesh(2, 4)
+    placed = dllm_jax.load(str(dst), quantize="int8", mesh=mesh)
+    _tree_equal(placed.params, want)
+    assert placed.params["layers"]["wq"].q.sharding.spec == P(None, None, "model")
+
+
 def test_abstract_params_quantized(llada_model):
     t = abstract_params(llada_model.cfg, jnp.bfloat16, quantization="int8")
     wq = t["layers"]["wq"]

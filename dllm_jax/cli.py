@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 
 def default_model_path() -> str:
     here = os.path.join(os.path.dirname(__file__), "assets", "default_model")
@@ -19,6 +21,13 @@ def _parse_value(v: str):
         return None
     if low in ("true", "false"):
         return low == "true"
+    if v[:1] in "[(" and v[-1:] in "])":  # lists: block_sizes=[4,8,16], delimiter_ids=[7]
+        import ast
+
+        try:
+            return list(ast.literal_eval(v))
+        except (ValueError, SyntaxError):
+            raise ValueError(f"cannot parse {v!r} as a list (expected e.g. [4,8,16])") from None
     for cast in (int, float):
         try:
             return cast(v)
@@ -112,7 +121,21 @@ def cmd_generate(a) -> int:
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
     sched = schedule_from_args(a, model.cfg)
-    out = generate(model, rows, gen_length=a.gen_length, schedule=sched, seed=a.seed, mesh=mesh)
+    out = generate(model, rows, gen_length=a.gen_length, schedule=sched, seed=a.seed, mesh=mesh,
+                   trace=a.show_steps)
+    if a.show_steps:
+        def piece(t):
+            if tok is None:
+                return f"{int(t)} "
+            return tok.decode([int(t)], skip_special_tokens=False)
+
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        for b in range(len(rows)):
+            if len(rows) > 1:
+                print(f"--- row {b} ---")
+            for line in render_steps(out.generated[b], out.trace["step_of"][b, out.prompt_len:], piece,
+                                     eos_id=model.cfg.eos_token_id, color=color):
+                print(line)
     for b in range(len(rows)):
         gen = out.generated[b][: int(out.gen_lengths[b])]
         if tok is not None:
@@ -124,6 +147,39 @@ def cmd_generate(a) -> int:
     print(f"[{sched.name}] NFE {out.nfe.tolist()}  generated {n_tok} tokens  run {out.run_time_s:.3f}s "
           f"({n_tok / max(out.run_time_s, 1e-9):.1f} tok/s)  compile {out.compile_time_s:.2f}s", file=sys.stderr)
     return 0
+
+
+def render_steps(gen_ids, step_of, piece, eos_id=None, mask_char="\u00b7", color=False, max_lines=400):
+    """The denoising as text, one line per loop iteration: the canvas after that iteration (masks as `mask_char`),
+    the positions committed at it marked (bold green with `color`, else in [brackets]), and how many there were.
+
+    gen_ids: final generated ids [G]; step_of: the iteration at which each position was filled (-1 never), as
+    returned in `generate(..., trace=True).trace["step_of"]` (generated part); piece(id) -> its text."""
+    gen_ids, step_of = np.asarray(gen_ids), np.asarray(step_of)
+    n_iter = int(step_of.max()) + 1 if step_of.size else 0
+    shown = len(gen_ids)
+
+    def text(t):
+        if eos_id is not None and int(t) == eos_id:
+            return "\u220e"  # end-of-sequence marker
+        return piece(int(t)).replace("\n", "\u23ce")
+
+    lines = []
+    for k in range(min(n_iter, max_lines)):
+        cells = []
+        for t, s in zip(gen_ids[:shown], step_of[:shown]):
+            if s < 0 or s > k:
+                cells.append(mask_char)
+            elif s == k:
+                p = text(t)
+                cells.append(f"\x1b[1;32m{p}\x1b[0m" if color else f"[{p}]")
+            else:
+                cells.append(text(t))
+        n_new = int(np.sum(step_of == k))
+        lines.append(f"step {k + 1:3d} +{n_new:<3d}| " + "".join(cells))
+    if n_iter > max_lines:
+        lines.append(f"... ({n_iter - max_lines} more steps)")
+    return lines
 
 
 def cmd_presets(a) -> int:
@@ -151,6 +207,8 @@ def main(argv=None) -> int:
     g.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--show-steps", action="store_true",
+                   help="render the denoising: the canvas after each step, the positions committed at it marked")
     _add_schedule_args(g)
     g.set_defaults(fn=cmd_generate)
 
@@ -166,25 +224,42 @@ def main(argv=None) -> int:
         sp.add_argument("rest", nargs=argparse.REMAINDER)
         sp.set_defaults(fn=None, module=mod)
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _DELEGATED:
+        # argparse's REMAINDER does not capture a leading `--option`, so these sub-commands get their
+        # arguments untouched (`dllm-jax train --preset default` == `python -m dllm_jax.train --preset default`)
+        return _delegate(argv[0], _DELEGATED[argv[0]], argv[1:])
     a = ap.parse_args(argv)
     if os.environ.get("DLLM_JAX_CACHE_DIR"):  # persistent XLA compilation cache (dllm_jax.utils)
         from dllm_jax.utils import enable_compilation_cache
 
         enable_compilation_cache()
     if a.fn is None:
-        import importlib
-
-        try:
-            mod = importlib.import_module(a.module)
-        except ImportError as e:
-            print(f"error: `dllm-jax {a.cmd}` is not available ({e})", file=sys.stderr)
-            return 2
-        return int(mod.main(a.rest) or 0)
+        return _delegate(a.cmd, a.module, a.rest)
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+_DELEGATED = {"convert": "convert.hf_to_flax", "conformance": "dllm_jax.conformance", "train": "dllm_jax.train",
+              "eval": "dllm_jax.evaluate", "bench": "dllm_jax.bench"}
+
+
+def _delegate(cmd: str, module: str, rest: list) -> int:
+    import importlib
+
+    if os.environ.get("DLLM_JAX_CACHE_DIR"):
+        from dllm_jax.utils import enable_compilation_cache
+
+        enable_compilation_cache()
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        print(f"error: `dllm-jax {cmd}` is not available ({e})", file=sys.stderr)
+        return 2
+    return int(mod.main(rest) or 0)
 
 
 if __name__ == "__main__":

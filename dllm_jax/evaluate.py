@@ -1,6 +1,8 @@
 """Accuracy and speed of schedules on the task suite: `dllm-jax eval`.
 
-    dllm-jax eval --schedule fastdllm_dual --set threshold=0.9 [--model DIR] [--n 100]
+    dllm-jax eval --task arith --schedule fastdllm_dual --threshold 0.9 --limit 100 --json OUT.json
+    dllm-jax eval --schedule adablock --set init_block_length=32 --set delimiter_ids=[7]   # any preset argument
+    dllm-jax eval --model CONVERTED_DIR --chat ...     # a converted model with its own tokenizer + chat template
     dllm-jax eval --sweep [--out docs/frontier]      # every preset / composition: the quality-speed frontier
 
 Per task: exact-match accuracy on the held-out split, mean NFE per example, tokens per forward (TPF = generated tokens
@@ -35,15 +37,30 @@ SWEEP = [
 # Advanced methods are added when their presets exist: (label, preset, kwargs).
 SWEEP_OPTIONAL = [
     ("dsb greedy th0.9", "dsb", dict(block_length=32, threshold=0.9, max_block_length=-1)),
+    ("dsb greedy th0.7", "dsb", dict(block_length=32, threshold=0.7, max_block_length=-1)),
     ("dsb_cache greedy th0.9", "dsb_cache", dict(block_length=32, threshold=0.9, max_block_length=-1,
                                                  prefix_window=8)),
-    ("adablock th0.9", "adablock", dict(block_length=32, threshold=0.9)),
-    ("adablock_dual th0.9", "adablock_dual", dict(block_length=32, threshold=0.9)),
+    # AdaBlock's delimiter is the model's newline token (filled in by `sweep_runs`)
+    ("adablock th0.9", "adablock", dict(init_block_length=32, threshold=0.9)),
+    ("adablock_dual th0.9", "adablock_dual", dict(init_block_length=32, threshold=0.9)),
+    ("blockbatch th0.9", "blockbatch", dict(threshold=0.9)),
     ("entropy_elastic", "entropy_elastic", dict()),
     ("d2f", "d2f", dict()),
     ("dinfer_hierarchical", "dinfer_hierarchical", dict()),
     ("localleap", "localleap", dict()),
 ]
+
+
+def sweep_runs(codec: "TextCodec | None" = None) -> list:
+    """The frontier's (label, preset, kwargs) list, with model-specific arguments (AdaBlock delimiters) filled in."""
+    from dllm_jax.presets import PRESETS
+
+    runs = list(SWEEP) + [r for r in SWEEP_OPTIONAL if r[1] in PRESETS]
+    if codec is not None:
+        nl = codec.newline_ids()
+        runs = [(lab, p, {**kw, "delimiter_ids": tuple(nl)} if p.startswith("adablock") and nl else kw)
+                for lab, p, kw in runs]
+    return runs
 
 
 def default_model_path() -> str:
@@ -57,15 +74,67 @@ def gen_length_for(task: str, block_length: int = 32) -> int:
     return -(-n // block_length) * block_length
 
 
+class TextCodec:
+    """Prompt encoding and answer decoding for a model: the embedded character tokenizer (pure Python) or the
+    checkpoint's own Hugging Face tokenizer. `chat` applies the tokenizer's chat template to every prompt; it is an
+    explicit choice (`--chat` / `--no-chat`), never guessed from the model's name or path."""
+
+    def __init__(self, tokenizer_path: str | None, eos_id: int, chat: bool = True):
+        from dllm_jax.tokenizer import CharTokenizer
+
+        self.chat, self.eos_id, self.char, self.hf = chat, eos_id, None, None
+        if tokenizer_path is None:
+            raise ValueError("the model has no tokenizer (tokenizer.json / tokenizer_config.json beside the "
+                             "weights): task prompts cannot be encoded")
+        try:
+            self.char = CharTokenizer.load(tokenizer_path)
+        except (ValueError, KeyError, OSError):
+            from transformers import AutoTokenizer
+
+            self.hf = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
+            if chat and not getattr(self.hf, "chat_template", None):
+                raise ValueError(f"the tokenizer in {tokenizer_path!r} has no chat_template; pass --no-chat to "
+                                 "evaluate a base model on raw prompts") from None
+
+    def encode(self, prompt: str) -> list[int]:
+        if self.char is not None:
+            return self.char.encode_prompt(prompt, chat=self.chat)
+        if self.chat:
+            ids = self.hf.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                              tokenize=True)
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            return [int(t) for t in ids]
+        return [int(t) for t in self.hf(prompt, add_special_tokens=False)["input_ids"]]
+
+    def newline_ids(self) -> list[int]:
+        """Token ids that are exactly a newline (AdaBlock's delimiter)."""
+        if self.char is not None:
+            return self.char.encode("\n")
+        ids = self.hf("\n", add_special_tokens=False)["input_ids"]
+        return list(ids) if len(ids) == 1 else []
+
+    def decode(self, ids) -> str:
+        ids = [int(t) for t in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        if self.char is not None:
+            return self.char.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
 def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 100, batch_size: int = 50,
-                      seed: int = 0, eos_stop: bool = True, split: str = "heldout") -> dict:
-    """Run one schedule over the task suite; returns per-task and overall metrics."""
+                      seed: int = 0, eos_stop: bool = True, split: str = "heldout", codec: TextCodec | None = None
+                      ) -> dict:
+    """Run one schedule over the task suite; returns per-task and overall metrics.
+
+    Overall keys: accuracy (mean over tasks), nfe_mean (mean NFE per example, mean over tasks), tpf (generated
+    tokens up to EOS / forwards, all tasks), tokens_per_s (same tokens / run time), compile_s, run_s, wall_s."""
     from dllm_jax import tasks
     from dllm_jax.generate import generate
     from dllm_jax.presets import make_schedule
-    from dllm_jax.tokenizer import CharTokenizer
 
-    tok = CharTokenizer()
+    t_wall = time.perf_counter()
+    codec = codec or TextCodec(model.tokenizer_path, model.cfg.eos_token_id)
     task_names = task_names or tasks.list_tasks()
     per_task = {}
     for task in task_names:
@@ -80,23 +149,33 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
         hits, nfe, toks, run_s, compile_s = 0, [], 0, 0.0, 0.0
         for s in range(0, n, batch_size):
             chunk = exs[s:s + batch_size]
-            rows = [tok.encode_prompt(e.prompt) for e in chunk]
-            out = generate(model, rows, gen_length=g, schedule=sched)
+            rows = [codec.encode(e.prompt) for e in chunk]
+            out = _run(model, rows, g, sched)
             run_s += out.run_time_s
             compile_s += out.compile_time_s
             nfe += out.nfe.tolist()
             toks += int(np.sum(out.gen_lengths))
             for e, gen in zip(chunk, out.generated):
-                hits += bool(tasks.score(task, tok.decode(gen), e))
+                hits += bool(tasks.score(task, codec.decode(gen), e))
         per_task[task] = {"accuracy": hits / len(exs), "mean_nfe": float(np.mean(nfe)), "tokens": toks,
                           "tpf": toks / max(sum(nfe), 1), "tokens_per_s": toks / max(run_s, 1e-9),
-                          "run_s": run_s, "compile_s": compile_s, "gen_length": g, "n": len(exs)}
+                          "run_s": run_s, "compile_s": compile_s, "gen_length": g, "n": len(exs),
+                          "nfe_total": int(sum(nfe))}
     acc = float(np.mean([v["accuracy"] for v in per_task.values()]))
     mean_nfe = float(np.mean([v["mean_nfe"] for v in per_task.values()]))
     toks = sum(v["tokens"] for v in per_task.values())
     run_s = sum(v["run_s"] for v in per_task.values())
     return {"preset": preset, "kwargs": kw, "tasks": per_task, "accuracy": acc, "mean_nfe": mean_nfe,
-            "tokens_per_s": toks / max(run_s, 1e-9)}
+            "nfe_mean": mean_nfe, "tpf": toks / max(sum(v["nfe_total"] for v in per_task.values()), 1),
+            "tokens_per_s": toks / max(run_s, 1e-9), "run_s": run_s,
+            "compile_s": sum(v["compile_s"] for v in per_task.values()), "wall_s": time.perf_counter() - t_wall,
+            "batch_size": batch_size, "n": n, "eos_stop": eos_stop}
+
+
+def _run(model, rows, gen_length, sched):
+    from dllm_jax.generate import generate
+
+    return generate(model, rows, gen_length=gen_length, schedule=sched)
 
 
 def _frontier_md(results, meta) -> str:
@@ -145,62 +224,100 @@ def main(argv=None) -> int:
     from dllm_jax.cli import _parse_value
 
     ap = argparse.ArgumentParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--schedule", default="vanilla")
-    ap.add_argument("--set", action="append", metavar="KEY=VALUE")
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    ap.add_argument("--schedule", default="vanilla", help="preset name (see `dllm-jax presets`)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="a preset argument (repeatable)")
+    ap.add_argument("--threshold", type=float, help="shortcut for --set threshold=X")
+    ap.add_argument("--factor", type=float, help="shortcut for --set factor=X")
+    ap.add_argument("--block-length", type=int, help="shortcut for --set block_length=N")
     ap.add_argument("--sweep", action="store_true", help="run every preset/composition of the frontier")
-    ap.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--task", "--tasks", dest="tasks", action="append", default=None,
+                    help="task name(s), comma-separated or repeated (default: all)")
+    ap.add_argument("--limit", "--n", dest="n", type=int, default=100, help="held-out examples per task")
     ap.add_argument("--batch-size", type=int, default=50)
-    ap.add_argument("--no-eos-stop", action="store_true")
+    ap.add_argument("--no-eos-stop", action="store_true", help="fixed-length counting (no EOS early stop)")
+    chat = ap.add_mutually_exclusive_group()
+    chat.add_argument("--chat", dest="chat", action="store_true", default=True,
+                      help="apply the tokenizer's chat template to every prompt (default; instruct models)")
+    chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompts (base models)")
+    ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md and (sweep) OUT.png")
     a = ap.parse_args(argv)
     import jax
 
     import dllm_jax
-    from dllm_jax.presets import PRESETS
+    from dllm_jax import tasks as tasks_mod
 
     path = a.model or default_model_path()
     if not os.path.exists(path):
         print(f"error: model {path!r} not found", file=sys.stderr)
         return 2
-    model = dllm_jax.load(path)
-    task_names = a.tasks.split(",") if a.tasks else None
+    task_names = [t for item in a.tasks for t in item.split(",") if t] if a.tasks else None
+    for t in task_names or []:
+        if t not in tasks_mod.list_tasks():
+            print(f"error: unknown task {t!r}; expected one of {', '.join(tasks_mod.list_tasks())}", file=sys.stderr)
+            return 2
+    if a.n < 1 or a.batch_size < 1:
+        print("error: --limit and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        model = dllm_jax.load(path)
+        codec = TextCodec(model.tokenizer_path, model.cfg.eos_token_id, chat=a.chat)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.sweep:
-        runs = list(SWEEP) + [r for r in SWEEP_OPTIONAL if r[1] in PRESETS]
+        runs = sweep_runs(codec)
     else:
-        kw = {}
+        kw = {k: v for k, v in (("threshold", a.threshold), ("factor", a.factor),
+                                ("block_length", a.block_length)) if v is not None}
         for item in a.set or []:
-            k, _, v = item.partition("=")
-            kw[k] = _parse_value(v)
+            k, sep, v = item.partition("=")
+            if not sep:
+                print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
+                return 2
+            kw[k.strip()] = _parse_value(v.strip())
         runs = [(a.schedule, a.schedule, kw)]
+    machine = f"{platform.machine()} {os.cpu_count()} cores ({jax.devices()[0].platform}: {jax.devices()[0].device_kind})"
     results = []
     for label, preset, kw in runs:
-        t = time.perf_counter()
         try:
-            r = evaluate_schedule(model, preset, kw, task_names, a.n, a.batch_size, eos_stop=not a.no_eos_stop)
+            r = evaluate_schedule(model, preset, kw, task_names, a.n, a.batch_size, eos_stop=not a.no_eos_stop,
+                                  codec=codec)
         except (ValueError, TypeError) as e:
+            if not a.sweep:
+                print(f"error: {label}: {e}", file=sys.stderr)
+                return 2
             print(f"{label}: skipped ({e})", file=sys.stderr)
             continue
-        r["label"] = label
+        r["label"], r["machine"] = label, machine
         results.append(r)
         accs = "  ".join(f"{k} {v['accuracy'] * 100:5.1f}%" for k, v in r["tasks"].items())
-        print(f"{label:28s} {accs}  mean NFE {r['mean_nfe']:6.1f}  {r['tokens_per_s']:7.0f} tok/s  "
-              f"({time.perf_counter() - t:.0f}s)", flush=True)
+        print(f"{label:28s} {accs}  mean NFE {r['nfe_mean']:6.1f}  TPF {r['tpf']:5.2f}  {r['tokens_per_s']:7.0f} "
+              f"tok/s  (run {r['run_s']:.1f}s, compile {r['compile_s']:.1f}s, wall {r['wall_s']:.0f}s)", flush=True)
+    meta = {"machine": machine, "jax": jax.__version__, "n": a.n, "batch_size": a.batch_size,
+            "eos_stop": not a.no_eos_stop, "chat": a.chat, "model": os.path.abspath(path),
+            "counting": "tokens = generated tokens up to (excluding) the first EOS; tokens_per_s = tokens / run_s "
+                        "(compile excluded); tpf = tokens / forwards; nfe_mean = forwards per example"}
+    if a.json and results:
+        payload = {**results[0], "meta": meta} if len(results) == 1 else {"meta": meta, "results": results}
+        _atomic_write(a.json, json.dumps(payload, indent=1))
+        print("wrote", a.json)
     if a.out and results:
-        meta = {"machine": f"{platform.machine()} {os.cpu_count()} cores ({jax.devices()[0].platform})",
-                "jax": jax.__version__, "n": a.n, "batch_size": a.batch_size, "eos_stop": not a.no_eos_stop}
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        with open(a.out + ".json.tmp", "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
-        os.replace(a.out + ".json.tmp", a.out + ".json")
-        with open(a.out + ".md.tmp", "w") as f:
-            f.write(_frontier_md(results, meta))
-        os.replace(a.out + ".md.tmp", a.out + ".md")
+        _atomic_write(a.out + ".json", json.dumps({"meta": meta, "results": results}, indent=1))
+        _atomic_write(a.out + ".md", _frontier_md(results, meta))
         if a.sweep:
             _plot(results, a.out + ".png")
         print("wrote", a.out + ".{json,md" + (",png}" if a.sweep else "}"))
     return 0
+
+
+def _atomic_write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

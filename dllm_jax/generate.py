@@ -167,8 +167,12 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     """
     if getattr(schedule.window, "rows_per_request", 1) > 1:
         # a request is several rows (BlockBatch branches): its runner expands the requests and returns the winners
-        raise ScheduleError(f"schedule {schedule.name!r} runs each request as several rows; use "
-                            "dllm_jax.engine.blockbatch.generate_branches")
+        if trace or mesh is not None or attention_mask is not None:
+            raise ScheduleError(f"schedule {schedule.name!r} runs each request as several rows (BlockBatch "
+                                "branches): trace=, mesh= and attention_mask= are not supported for it; pass "
+                                "prompts as token lists (dllm_jax.engine.blockbatch.generate_branches has the "
+                                "per-request details)")
+        return _generate_branches(model, prompt_ids, gen_length, schedule, bucket, seed)
     ctx, x, valid, positions, keys = prepare(model, prompt_ids, gen_length, schedule, attention_mask, bucket, seed)
     params = model.params
     trace_len = (schedule.max_nfe or 4 * gen_length + 8) if trace else 0
@@ -210,3 +214,22 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     return GenerateOutput(sequences=seqs, generated=gen, prompt_len=ctx.prompt_len, nfe=out["nfe"],
                           gen_lengths=gen_lengths, compile_time_s=t1 - t0, run_time_s=t2 - t1,
                           loop_iterations=int(out["steps"]), unfinished=out["unfinished"], trace=out.get("trace"))
+
+
+def _generate_branches(model, prompt_ids, gen_length, schedule, bucket, seed) -> GenerateOutput:
+    """BlockBatch through `generate`: each request's winning branch, as a GenerateOutput (nfe = batched forwards
+    of the request, i.e. model calls; Dream stop-on-EOS outputs are EOS-filled after the cut)."""
+    from dllm_jax.engine.blockbatch import generate_branches
+
+    bo = generate_branches(model, prompt_ids, gen_length=gen_length, schedule=schedule, bucket=bucket, seed=seed)
+    eos = model.cfg.eos_token_id
+    P = bo.prompt_len
+    seqs = np.full((len(bo.sequences), P + gen_length), eos, np.int32)
+    for r, seq in enumerate(bo.sequences):
+        seqs[r, :len(seq)] = np.asarray(seq)
+    gen = seqs[:, P:]
+    is_eos = gen == eos
+    return GenerateOutput(sequences=seqs, generated=gen, prompt_len=P, nfe=np.asarray(bo.nfe, np.int32),
+                          gen_lengths=np.where(is_eos.any(1), is_eos.argmax(1), gen_length),
+                          compile_time_s=bo.compile_time_s, run_time_s=bo.run_time_s,
+                          loop_iterations=int(max(bo.nfe)), unfinished=np.asarray([e == "unfinished" for e in bo.exit]))

@@ -247,7 +247,7 @@ def generate_shardings(model, mesh: Mesh, batch: int, trace_len: int = 0):
     out_sh = {"x": row2, "nfe": row, "steps": NamedSharding(mesh, P()), "unfinished": row}
     if trace_len:
         col = batch_sharding(mesh, 2, axis=1)
-        out_sh["trace"] = {"full": col, "s": col, "e": col, "n": col}
+        out_sh["trace"] = {"full": col, "s": col, "e": col, "n": col, "step_of": row2}
     return in_sh, out_sh
 
 

@@ -219,7 +219,15 @@ def test_blockbatch_invalid_arguments(llada_model, kw, msg):
         make_schedule("blockbatch", 16, llada_model.cfg, **kw)
 
 
-def test_generate_points_blockbatch_to_its_runner(llada_model):
+def test_generate_runs_blockbatch_through_its_runner(llada_model):
+    from dllm_jax.engine.blockbatch import generate_branches
+
     sched = make_schedule("blockbatch", 16, llada_model.cfg, block_sizes=[4, 8])
-    with pytest.raises(G.ScheduleError, match="generate_branches"):
-        G.generate(llada_model, [PROMPT], gen_length=16, schedule=sched)
+    out = G.generate(llada_model, [PROMPT, PROMPT2], gen_length=16, schedule=sched)
+    ref = generate_branches(llada_model, [PROMPT, PROMPT2], gen_length=16, schedule=sched, bucket=True)
+    assert out.sequences.shape == (2, ref.prompt_len + 16)
+    for r in range(2):
+        np.testing.assert_array_equal(out.sequences[r, :len(ref.sequences[r])], ref.sequences[r])
+    assert out.nfe.tolist() == ref.nfe and not out.unfinished.any()
+    with pytest.raises(G.ScheduleError, match="trace="):
+        G.generate(llada_model, [PROMPT], gen_length=16, schedule=sched, trace=True)

@@ -51,3 +51,43 @@ def test_eval_cli_writes_outputs(tiny_char_model, tmp_path):
 def test_eval_missing_model_is_clear(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path / "nope")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_eval_issue_cli_json_keys(tiny_char_model, tmp_path):
+    out = tmp_path / "one.json"
+    rc = evaluate.main(["--model", tiny_char_model, "--task", "sort", "--schedule", "fastdllm", "--threshold", "0.9",
+                        "--block-length", "32", "--limit", "3", "--batch-size", "3", "--json", str(out)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    for k in ("accuracy", "nfe_mean", "tpf", "tokens_per_s", "compile_s", "run_s", "wall_s", "batch_size"):
+        assert k in d, k
+    assert d["tasks"]["sort"]["n"] == 3 and d["batch_size"] == 3 and "cores" in d["machine"]
+    assert d["nfe_mean"] <= evaluate.gen_length_for("sort") and d["compile_s"] > 0 and d["run_s"] > 0
+    assert "EOS" in d["meta"]["counting"]
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--task", "poetry"], "unknown task 'poetry'"),
+    (["--limit", "0"], "--limit"),
+    (["--schedule", "fastdllm", "--set", "threshold"], "KEY=VALUE"),
+    (["--schedule", "nope"], "unknown preset"),
+])
+def test_eval_bad_input_is_one_clear_error(tiny_char_model, capsys, argv, msg):
+    assert evaluate.main(["--model", tiny_char_model, "--limit", "2", "--batch-size", "2"] + argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_eval_blockbatch_and_codec(tiny_char_model):
+    model = dllm_jax.load(tiny_char_model)
+    codec = evaluate.TextCodec(model.tokenizer_path, model.cfg.eos_token_id, chat=False)
+    assert codec.encode("ab") == codec.char.encode_prompt("ab", chat=False) != codec.char.encode_prompt("ab")
+    assert codec.newline_ids() == codec.char.encode("\n")
+    assert codec.decode(codec.char.encode("12") + [model.cfg.eos_token_id] + codec.char.encode("3")) == "12"
+    r = evaluate.evaluate_schedule(model, "blockbatch", dict(block_sizes=[8, 16]), ["sort"], n=2, batch_size=2,
+                                   codec=codec)
+    assert r["tasks"]["sort"]["n"] == 2 and r["nfe_mean"] > 0
+    labels = [lab for lab, _, _ in evaluate.sweep_runs(codec)]
+    assert any("adablock" in lab for lab in labels) and any("blockbatch" in lab for lab in labels)
+    ada = [kw for _, p, kw in evaluate.sweep_runs(codec) if p == "adablock"][0]
+    assert list(ada["delimiter_ids"]) == codec.newline_ids()

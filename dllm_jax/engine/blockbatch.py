@@ -578,6 +578,9 @@ class BranchOutput:
     winner: list  # winning branch index per request
     exit: list  # "natural" / "eos"
     raw_row_forwards: list  # sum over branches of the forwards each branch took part in (LLaDA original_bulk)
+    prompt_len: int = 0  # bucketed prompt length: sequences[r][prompt_len:] is request r's generation
+    compile_time_s: float = 0.0  # 0 when the program came from the in-process cache
+    run_time_s: float = 0.0
 
 
 _JIT = {}
@@ -597,6 +600,9 @@ def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: b
     expanded = [r for r in rows for _ in range(N)]
     ctx, x, valid, pos, keys = G.prepare(model, expanded, gen_length, schedule, None, bucket, seed)
     key = (model.cfg, schedule, ctx)
+    import time
+
+    t0 = time.perf_counter()
     fn = _JIT.get(key)
     if fn is None:
         def run(params, x, valid, pos, keys):
@@ -604,9 +610,11 @@ def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: b
             c = jax.lax.while_loop(cond, body, carry)
             return {"x": c["x"], "nfe": c["nfe"], "w": c["w"], "unfinished": c["active"]}
 
-        fn = jax.jit(run)
+        fn = jax.jit(run).lower(model.params, x, valid, pos, keys).compile()
         _JIT[key] = fn
-    out = jax.tree.map(np.asarray, fn(model.params, x, valid, pos, keys))
+    t1 = time.perf_counter()
+    out = jax.tree.map(np.asarray, jax.block_until_ready(fn(model.params, x, valid, pos, keys)))
+    t2 = time.perf_counter()
     w = out["w"]
     seqs, nfe, ret, winner, ex, raw = [], [], [], [], [], []
     for r in range(len(rows)):
@@ -625,4 +633,4 @@ def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: b
         winner.append(k)
         ex.append({1: "natural", 2: "eos"}.get(code, "unfinished"))
         raw.append(int(w["part"][g].sum()))
-    return BranchOutput(seqs, nfe, ret, winner, ex, raw)
+    return BranchOutput(seqs, nfe, ret, winner, ex, raw, ctx.prompt_len, t1 - t0, t2 - t1)

@@ -181,7 +181,9 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         carry["kv"] = init_cache(cfg, ctx, params["embed"].dtype, kv_sharding)
     if trace_len:
         carry["trace"] = {"full": jnp.zeros((trace_len, B), bool), "s": jnp.zeros((trace_len, B), jnp.int32),
-                          "e": jnp.zeros((trace_len, B), jnp.int32), "n": jnp.zeros((trace_len, B), jnp.int32)}
+                          "e": jnp.zeros((trace_len, B), jnp.int32), "n": jnp.zeros((trace_len, B), jnp.int32),
+                          # loop iteration at which each position stopped being a mask (-1: never / prompt)
+                          "step_of": jnp.full((B, L), -1, jnp.int32)}
 
     def cond(c):
         return jnp.any(c["active"]) & (c["it"] < max_nfe)
@@ -260,7 +262,9 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
             t = c["trace"]
             k = jnp.minimum(step, trace_len - 1)
             out["trace"] = {"full": t["full"].at[k].set(did_full), "s": t["s"].at[k].set(c["w"]["s"]),
-                            "e": t["e"].at[k].set(c["w"]["e"]), "n": t["n"].at[k].set(n_commit)}
+                            "e": t["e"].at[k].set(c["w"]["e"]), "n": t["n"].at[k].set(n_commit),
+                            "step_of": jnp.where((c["x"] == ctx.mask_id) & (x != ctx.mask_id) & (t["step_of"] < 0),
+                                                 step, t["step_of"])}
         return out
 
     return carry, cond, body
@@ -278,7 +282,8 @@ def run(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, posit
     """The whole generation as one `lax.while_loop` (call under jit with cfg/sched/ctx/trace_len static).
 
     Returns a dict: x (final canvas), nfe [B], steps (loop iterations), unfinished [B], and when trace_len > 0 a
-    per-forward trace (full flag, window s/e, committed count per row) of the first trace_len forwards.
+    per-forward trace (full flag, window s/e, committed count per row) of the first trace_len forwards, and
+    step_of [B, L]: the loop iteration at which each position was filled (-1: prompt or never).
     """
     carry, cond, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len, kv_sharding)
     return results(jax.lax.while_loop(cond, body, carry))

@@ -1,0 +1,56 @@
+"""`dllm-jax` command line: sub-command delegation, `generate --show-steps` and its per-position step trace."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from dllm_jax import cli
+from dllm_jax.presets import make_schedule
+
+generate = importlib.import_module("dllm_jax.generate").generate
+
+
+def test_delegated_subcommand_takes_leading_options(tmp_path, capsys):
+    # `dllm-jax train --preset default` used to die in argparse ("unrecognized arguments: --preset")
+    assert cli.main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--preset", "no-such-preset"])
+    assert e.value.code == 2
+    assert "invalid choice: 'no-such-preset'" in capsys.readouterr().err
+
+
+def test_trace_step_of_matches_commit_counts(llada_model):
+    sched = make_schedule("fastdllm", 16, llada_model.cfg, threshold=0.5, block_length=8)
+    out = generate(llada_model, [[1, 2, 3, 4]], gen_length=16, schedule=sched, trace=True)
+    step_of = out.trace["step_of"][0]
+    assert np.all(step_of[:out.prompt_len] == -1)  # the prompt is never "filled"
+    gen_steps = step_of[out.prompt_len:]
+    assert np.all(gen_steps >= 0) and gen_steps.max() == int(out.nfe[0]) - 1
+    counts = np.bincount(gen_steps, minlength=int(out.nfe[0]))
+    np.testing.assert_array_equal(counts, out.trace["n"][:int(out.nfe[0]), 0])
+    # semi-autoregressive blocks: every position of block 2 is filled after every position of block 1
+    assert gen_steps[:8].max() < gen_steps[8:].min()
+
+
+def test_render_steps_marks_new_positions():
+    ids = np.array([10, 11, 12, 0, 0])
+    step_of = np.array([1, 0, 1, 2, 2])
+    lines = cli.render_steps(ids, step_of, lambda t: chr(ord("a") + t - 10), eos_id=0)
+    assert len(lines) == 3
+    assert lines[0].endswith("| \u00b7[b]\u00b7\u00b7\u00b7") and "+1 " in lines[0]
+    assert lines[1].endswith("| [a]b[c]\u00b7\u00b7") and "+2 " in lines[1]
+    assert lines[2].endswith("| abc[\u220e][\u220e]")
+    colored = cli.render_steps(ids, step_of, lambda t: "x", color=True)
+    assert "\x1b[1;32m" in colored[0]
+
+
+def test_cli_show_steps(fixtures, capsys):
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "8",
+            "--schedule", "llada", "--steps", "4", "--block-length", "8", "--show-steps"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out.strip().split("\n")
+    steps = [ln for ln in out if ln.startswith("step ")]
+    assert len(steps) == 4 and all("+2 " in ln for ln in steps)  # 8 tokens in 4 steps: 2 per step
+    assert steps[0].count("[") == 2 and steps[-1].count("\u00b7") == 0

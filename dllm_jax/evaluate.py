@@ -48,6 +48,12 @@ SWEEP_OPTIONAL = [
     ("d2f", "d2f", dict()),
     ("dinfer_hierarchical", "dinfer_hierarchical", dict()),
     ("localleap", "localleap", dict()),
+    # compositions that no paper ships (window x acceptance x cache by name)
+    ("sliding x hierarchical x dsb", "compose", dict(window="sliding", accept="hierarchical", cache="dsb",
+                                                     block_length=32, prefix_window=8)),
+    ("fixed x localleap x dual", "compose", dict(window="fixed", accept="localleap", cache="dual", block_length=32)),
+    ("adablock x hierarchical x dual", "compose", dict(window="adablock", accept="hierarchical", cache="dual",
+                                                       block_length=32, delimiter_threshold=0.3)),
 ]
 
 
@@ -58,7 +64,8 @@ def sweep_runs(codec: "TextCodec | None" = None) -> list:
     runs = list(SWEEP) + [r for r in SWEEP_OPTIONAL if r[1] in PRESETS]
     if codec is not None:
         nl = codec.newline_ids()
-        runs = [(lab, p, {**kw, "delimiter_ids": tuple(nl)} if p.startswith("adablock") and nl else kw)
+        runs = [(lab, p, {**kw, "delimiter_ids": tuple(nl)}
+                 if (p.startswith("adablock") or kw.get("window") == "adablock") and nl else kw)
                 for lab, p, kw in runs]
     return runs
 

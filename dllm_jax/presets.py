@@ -490,7 +490,80 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
                     eos_early_stop=eos_early_stop, name="d2f")
 
 
+_COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic")
+_COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap")
+_COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity")
+# which caches a window works with: block caches refresh when a block starts (fixed / delimiter blocks); the DSB
+# cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences
+_COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity"), "adablock": ("none", "prefix", "dual", "vicinity"),
+               "sliding": ("none", "dsb"), "elastic": ("none", "prefix")}
+
+
+def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,
+            delimiter_ids=(198,), delimiter_threshold=math.inf, budget=1.0, min_size=4, max_size=64,
+            threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, prefix_window=8,
+            prefix_look=16, after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
+    """Any window x acceptance x cache by name (LLaDA-style: no logit shift handling beyond the model's):
+    window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap,
+    cache none|prefix|dual|dsb|vicinity. E.g. window=sliding, accept=hierarchical, cache=dsb."""
+    from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
+    from dllm_jax.engine.dsb import DSBCache
+    from dllm_jax.engine.localleap import LocalLeap
+
+    for kind, v, ok in (("window", window, _COMPOSE_WINDOWS), ("accept", accept, _COMPOSE_ACCEPTS),
+                        ("cache", cache, _COMPOSE_CACHES)):
+        if v not in ok:
+            raise PresetError(f"compose: {kind} must be one of {', '.join(ok)}, got {v!r}")
+    if cache not in _COMPOSE_OK[window]:
+        raise PresetError(f"compose: window={window!r} works with cache in {_COMPOSE_OK[window]}, got {cache!r}")
+    if accept == "quota" and window != "fixed":
+        raise PresetError("compose: accept='quota' (a per-block step budget) needs window='fixed'")
+    steps_per_block = None
+    if window == "fixed":
+        bl, nb = _blocks(gen_length, block_length, steps)
+        win = FixedBlocks(bl)
+        steps_per_block = (steps or gen_length) // nb
+    elif window == "sliding":
+        win = _sliding(gen_length, block_length, max_block_length)
+    elif window == "adablock":
+        from dllm_jax.engine.adablock import DelimiterBlocks
+
+        if block_length is None or block_length <= 0:
+            raise PresetError(f"block_length must be > 0, got {block_length}")
+        ids, tau = _delims(delimiter_ids, delimiter_threshold)
+        win = DelimiterBlocks(init_block_length=int(block_length), delimiter_ids=ids, delimiter_threshold=tau)
+    else:
+        from dllm_jax.engine.elastic import EntropyElastic
+
+        win = EntropyElastic(budget=float(budget), min_size=int(min_size), max_size=int(max_size))
+    if accept in ("threshold", "factor"):
+        acc = _threshold_or_factor(threshold if accept == "threshold" else None,
+                                   factor if accept == "factor" else None, steps_per_block)
+        if accept == "factor" and factor is None:
+            raise PresetError("compose: accept='factor' needs factor=...")
+    elif accept == "quota":
+        acc = TopKQuota(steps_per_block=steps_per_block)
+    elif accept == "hierarchical":
+        acc = Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold))
+    else:
+        if not (0.0 < relaxed <= threshold <= 1.0):
+            raise PresetError(f"compose: localleap needs 0 < relaxed ({relaxed}) <= threshold ({threshold}) <= 1")
+        acc = LocalLeap(threshold=float(threshold), relaxed=float(relaxed), radius=int(radius))
+    if cache == "dsb":
+        if prefix_window is None or prefix_window < 0:
+            raise PresetError(f"prefix_window must be >= 0, got {prefix_window}")
+        cpol = DSBCache(prefix_window=int(prefix_window), suffix_window=0, refresh_tokens=int(block_length))
+    elif cache == "vicinity":
+        cpol = VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))
+    else:
+        cpol = _cache(cache)
+    return Schedule(window=win, accept=acc, cache=cpol,
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name=f"compose[{window}x{accept}x{cache}]")
+
+
 _EXTRA: dict[str, Callable[..., Schedule]] = {
+    "compose": compose,
     "localleap": localleap, "dinfer_hierarchical": dinfer_hierarchical, "entropy_elastic": entropy_elastic,
     "osdt": osdt, "d2f": d2f,
 }

@@ -450,9 +450,11 @@ def entropy_elastic(gen_length, *, budget=1.0, min_size=4, max_size=64, threshol
     """Entropy-elastic window (new): width = clip(uncertainty budget / local uncertainty) x threshold rule."""
     from dllm_jax.engine.elastic import EntropyElastic
 
-    if cache == "dual":
-        raise PresetError("entropy_elastic sizes its window from the forward's confidences beyond the window: use "
-                          "cache='none' or 'prefix'")
+    if cache != "none":
+        # dual: the width needs the confidences beyond the window, which a cached forward does not compute; prefix:
+        # the window never empties while masks remain, so the cache would be refreshed once and the K/V of tokens
+        # committed afterwards and passed by the window start would stay those of masks
+        raise PresetError(f"entropy_elastic runs without a KV cache (cache='none'), got cache={cache!r}")
     return Schedule(window=EntropyElastic(budget=float(budget), min_size=int(min_size), max_size=int(max_size)),
                     accept=_threshold_or_factor(threshold, None, 1), cache=_cache(cache),
                     sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
@@ -466,8 +468,16 @@ def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, ca
     from dllm_jax.engine import osdt as osdt_mod
 
     if calibration is not None:
-        cal = osdt_mod.load(calibration)
-        thresholds, block_length = cal["thresholds"], block_length or cal["block_length"]
+        if thresholds is not None:
+            raise PresetError("osdt: give thresholds=[...] or calibration=PATH, not both")
+        try:
+            cal = osdt_mod.load(calibration)
+        except ValueError as e:
+            raise PresetError(str(e)) from None
+        if block_length is not None and int(block_length) != cal["block_length"]:
+            raise PresetError(f"osdt: block_length={block_length} differs from the calibration's "
+                              f"{cal['block_length']} ({calibration})")
+        thresholds, block_length = cal["thresholds"], cal["block_length"]
     if not thresholds:
         raise PresetError("osdt needs thresholds=[...] or calibration=PATH (see dllm_jax.engine.osdt.calibrate)")
     bl, _ = _blocks(gen_length, block_length or 32, None)
@@ -477,10 +487,11 @@ def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, ca
                     eos_early_stop=eos_early_stop, name="osdt")
 
 
-def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, eos_early_stop=False,
+def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, eos_early_stop=True,
         model_cfg=None):
     """D2F pipeline (training-free, bidirectional): several blocks in flight, added at tau_add, fully activated at
-    tau_act, per-block confidence tau_conf."""
+    tau_act, per-block confidence tau_conf. eos_early_stop (default on) ends a row once an EOS is decoded with no
+    mask before it, as the official pipeline stops adding blocks at EOS and ends when the added ones are done."""
     from dllm_jax.engine.d2f import D2FAccept, D2FPipeline
 
     bl, _ = _blocks(gen_length, block_length, None)
@@ -494,9 +505,10 @@ _COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic")
 _COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap")
 _COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity")
 # which caches a window works with: block caches refresh when a block starts (fixed / delimiter blocks); the DSB
-# cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences
+# cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences and
+# never closes a block (no refresh point for a block cache)
 _COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity"), "adablock": ("none", "prefix", "dual", "vicinity"),
-               "sliding": ("none", "dsb"), "elastic": ("none", "prefix")}
+               "sliding": ("none", "dsb"), "elastic": ("none",)}
 
 
 def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,

@@ -78,7 +78,7 @@ NEW = [
     ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4)),
     ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4, refresh_every=2)),
     ("entropy_elastic", dict(budget=1.0, min_size=2, max_size=12)),
-    ("entropy_elastic", dict(budget=0.5, min_size=2, max_size=12, cache="prefix")),
+    ("entropy_elastic", dict(budget=0.5, min_size=2, max_size=12)),
     ("osdt", dict(thresholds=[0.7, 0.95], block_length=8)),
     ("d2f", dict(block_length=4, tau_add=0.25, tau_act=0.75, tau_conf=0.9)),
 ]
@@ -128,6 +128,10 @@ def test_osdt_calibrate_save_load_reuse(llada_model, tmp_path):
         make_schedule("osdt", 32, llada_model.cfg, calibration=str(bad))
     with pytest.raises(PresetError, match="needs thresholds"):
         make_schedule("osdt", 32, llada_model.cfg)
+    with pytest.raises(PresetError, match="not both"):
+        make_schedule("osdt", 32, llada_model.cfg, calibration=path, thresholds=[0.9] * 4)
+    with pytest.raises(PresetError, match="differs from the calibration"):
+        make_schedule("osdt", 32, llada_model.cfg, calibration=path, block_length=16)
 
 
 def test_new_policy_argument_errors(llada_model):
@@ -135,8 +139,9 @@ def test_new_policy_argument_errors(llada_model):
         G.generate(llada_model, [PROMPT], gen_length=16,
                    schedule=make_schedule("localleap", 16, llada_model.cfg, block_length=8, relaxed=0.95,
                                           threshold=0.9))
-    with pytest.raises(PresetError, match="use cache='none' or 'prefix'"):
-        make_schedule("entropy_elastic", 16, llada_model.cfg, cache="dual")
+    for cache in ("dual", "prefix"):
+        with pytest.raises(PresetError, match="without a KV cache"):
+            make_schedule("entropy_elastic", 16, llada_model.cfg, cache=cache)
     with pytest.raises(G.ScheduleError, match="min_size"):
         G.generate(llada_model, [PROMPT], gen_length=16,
                    schedule=make_schedule("entropy_elastic", 16, llada_model.cfg, min_size=9, max_size=4))
@@ -150,5 +155,7 @@ def test_d2f_runs_blocks_in_parallel(llada_model):
     n = int(out.nfe[0])
     widths = out.trace["e"][:n, 0] - out.trace["s"][:n, 0]
     assert widths.max() > 8
+    # one block is added per forward at most (the official pipeline's rule), even with tau_add = 0
+    assert np.all(np.diff(out.trace["e"][:n, 0]) <= 8)
     base = make_schedule("fastdllm", 32, llada_model.cfg, block_length=8, threshold=0.9)
     assert n <= G.generate(llada_model, [PROMPT], gen_length=32, schedule=base).nfe[0]

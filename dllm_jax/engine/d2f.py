@@ -74,7 +74,8 @@ class D2FPipeline(Window):
         return self._update(st, ctx, x)
 
     def advance(self, st, ctx, x, block_done_B):
-        st = self._update(st, ctx, x)
+        # the window was updated once after this step's commits (after_commit): at most one block is added per
+        # forward, as in the official pipeline
         gen = iota_BxL(ctx) >= ctx.prompt_len
         return st, ~jnp.any(gen & (x == ctx.mask_id), axis=1)
 

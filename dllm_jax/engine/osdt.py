@@ -99,6 +99,6 @@ def load(path: str) -> dict:
     try:
         with open(path) as f:
             d = json.load(f)
-        return {"block_length": int(d["block_length"]), "thresholds": [float(t) for t in d["thresholds"]], **d}
+        return {**d, "block_length": int(d["block_length"]), "thresholds": [float(t) for t in d["thresholds"]]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path} is not an OSDT calibration file: {e}") from None

@@ -65,6 +65,15 @@ class Model:
         return dataclasses.replace(self, cfg=self.cfg.replace(attention_impl=impl, attention_interpret=interpret))
 
 
+    def with_block_causal(self, block_length: int) -> "Model":
+        """The same weights run with block-causal attention over blocks of `block_length` canvas positions (each block
+        sees the earlier blocks and itself), as block-diffusion checkpoints (D2F, Fast-dLLM v2, SDAR) are trained;
+        0 = bidirectional again."""
+        if int(block_length) < 0:
+            raise ValueError(f"block_length must be >= 0, got {block_length}")
+        return dataclasses.replace(self, cfg=self.cfg.replace(block_causal=int(block_length)))
+
+
 def _cast_tree(params, dtype):
     from dllm_jax.quant import cast_params
 

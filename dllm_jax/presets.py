@@ -487,15 +487,27 @@ def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, ca
                     eos_early_stop=eos_early_stop, name="osdt")
 
 
-def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, eos_early_stop=True,
-        model_cfg=None):
+def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, attention="bidirectional",
+        eos_early_stop=True, model_cfg=None):
     """D2F pipeline (training-free, bidirectional): several blocks in flight, added at tau_add, fully activated at
-    tau_act, per-block confidence tau_conf. eos_early_stop (default on) ends a row once an EOS is decoded with no
+    tau_act, per-block confidence tau_conf. attention="block_causal" for D2F-trained (block-causal) checkpoints loaded
+    with model.with_block_causal(block_length). eos_early_stop (default on) ends a row once an EOS is decoded with no
     mask before it, as the official pipeline stops adding blocks at EOS and ends when the added ones are done."""
     from dllm_jax.engine.d2f import D2FAccept, D2FPipeline
 
     bl, _ = _blocks(gen_length, block_length, None)
-    return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add)),
+    if attention not in ("bidirectional", "block_causal"):
+        raise PresetError(f"d2f: attention must be 'bidirectional' or 'block_causal', got {attention!r}")
+    mode_bc = attention == "block_causal"
+    if model_cfg is not None:
+        have = int(model_cfg.block_causal)
+        if mode_bc and have != bl:
+            raise PresetError(f"d2f attention='block_causal' needs a model with block-causal attention over blocks of "
+                              f"{bl} (model.with_block_causal({bl})); this model has block_causal={have}")
+        if not mode_bc and have:
+            raise PresetError(f"this model runs block-causal attention (block_causal={have}): use d2f with "
+                              f"attention='block_causal' and block_length={have}")
+    return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add), block_causal=mode_bc),
                     accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)),
                     sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
                     eos_early_stop=eos_early_stop, name="d2f")

@@ -159,3 +159,24 @@ def test_d2f_runs_blocks_in_parallel(llada_model):
     assert np.all(np.diff(out.trace["e"][:n, 0]) <= 8)
     base = make_schedule("fastdllm", 32, llada_model.cfg, block_length=8, threshold=0.9)
     assert n <= G.generate(llada_model, [PROMPT], gen_length=32, schedule=base).nfe[0]
+
+
+def test_d2f_block_causal_mode_matches_growing_sequence(llada_model):
+    """Under block-causal attention a block never sees a later one, so the first blocks of a generation do not
+    depend on how many blocks follow (the official pipeline grows the sequence block by block)."""
+    bc = llada_model.with_block_causal(8)
+    kw = dict(block_length=8, tau_add=0.5, tau_act=0.5, tau_conf=0.6, attention="block_causal", eos_early_stop=False)
+    short = G.generate(bc, [PROMPT], gen_length=16, schedule=make_schedule("d2f", 16, bc.cfg, **kw))
+    long = G.generate(bc, [PROMPT], gen_length=32, schedule=make_schedule("d2f", 32, bc.cfg, **kw))
+    assert short.prompt_len == long.prompt_len
+    np.testing.assert_array_equal(long.generated[0, :16], short.generated[0])
+    assert not (long.generated == llada_model.cfg.mask_token_id).any()
+    # the mode must match the model's attention
+    with pytest.raises(PresetError, match="with_block_causal"):
+        make_schedule("d2f", 16, llada_model.cfg, **kw)
+    with pytest.raises(PresetError, match="attention='block_causal'"):
+        make_schedule("d2f", 16, bc.cfg, block_length=8)
+    with pytest.raises(G.ScheduleError, match="multiple of block_length"):
+        bc24 = llada_model.with_block_causal(24)
+        G.generate(bc24, [PROMPT], gen_length=48,
+                   schedule=make_schedule("d2f", 48, bc24.cfg, **{**kw, "block_length": 24}))

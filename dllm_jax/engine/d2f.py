@@ -7,10 +7,18 @@ block always is); otherwise it is *semi-activated*. Per block, positions with co
 fully activated block with none commits its single most confident position; a semi-activated block may commit
 nothing.
 
-Differences from the official code, by design: D2F grows the sequence block by block on block-causal (D2F-trained)
-models; on a bidirectional model the canvas already holds the whole masked suffix (as LLaDA always sees it), so
-"adding" a block only makes its positions decodable. No KV cache here (completed blocks are only exactly cacheable
-under block-causal attention).
+Two attention modes (preset argument `attention`):
+* "bidirectional" (training-free, any LLaDA/Dream checkpoint): the canvas holds the whole masked suffix (as LLaDA
+  always sees it), so "adding" a block only makes its positions decodable; every position attends to everything.
+* "block_causal" (D2F-trained checkpoints, e.g. a D2F-LoRA merged into LLaDA, or other block-causal models): the model
+  must run with block-causal attention over blocks of `block_length` canvas positions
+  (`model.with_block_causal(block_length)`, i.e. `q_block >= k_block`). A block then sees the prompt, the earlier
+  blocks and itself, never a later one, so the masked blocks that are not added yet cannot influence anything: the
+  run decodes exactly what the official growing-sequence pipeline decodes (tested: a generation's first blocks do not
+  depend on how many blocks follow). The prompt must fill whole blocks (its bucketed length a multiple of
+  block_length; with the default 32-token buckets any block_length dividing 32 works).
+No KV cache in either mode: every forward is a full forward over the canvas (under block-causal attention finished
+blocks could be cached exactly; that cache is not implemented).
 """
 
 from __future__ import annotations
@@ -41,10 +49,15 @@ class D2FPipeline(Window):
     block_length: int = 32
     tau_add: float = 0.1
     stop_at_eos: bool = True
+    block_causal: bool = False  # the model runs block-causal attention over blocks of block_length (see above)
 
     def validate(self, ctx):
         if self.block_length <= 0 or ctx.gen_length % self.block_length:
             raise ValueError(f"gen_length ({ctx.gen_length}) must be a multiple of block_length ({self.block_length})")
+        if self.block_causal and ctx.prompt_len % self.block_length:
+            raise ValueError(f"d2f with block-causal attention needs the (bucketed) prompt length ({ctx.prompt_len}) "
+                             f"to be a multiple of block_length ({self.block_length}) so generated blocks line up "
+                             "with the attention blocks; use a block_length that divides 32")
         if not (0.0 <= self.tau_add <= 1.0):
             raise ValueError(f"tau_add must lie in [0, 1], got {self.tau_add}")
 

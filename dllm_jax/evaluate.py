@@ -47,6 +47,7 @@ SWEEP_OPTIONAL = [
     ("entropy_elastic", "entropy_elastic", dict()),
     ("d2f", "d2f", dict()),
     ("dinfer_hierarchical", "dinfer_hierarchical", dict()),
+    ("dinfer_credit", "dinfer_credit", dict()),
     ("localleap", "localleap", dict()),
     # compositions that no paper ships (window x acceptance x cache by name)
     ("sliding x hierarchical x dsb", "compose", dict(window="sliding", accept="hierarchical", cache="dsb",

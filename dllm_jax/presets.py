@@ -445,6 +445,28 @@ def dinfer_hierarchical(gen_length, *, block_length=32, threshold=0.9, run_thres
                     eos_early_stop=eos_early_stop, name="dinfer_hierarchical")
 
 
+def dinfer_credit(gen_length, *, block_length=32, threshold=0.9, alpha=0.7, boost=0.2, decay=0.8, slots=None,
+                  cache="vicinity", prefix_look=16, after_look=16, refresh_every=0, eos_early_stop=False,
+                  model_cfg=None):
+    """dInfer credit decoding (threshold rule on logits + alpha log(1 + credit)) with the vicinity-refresh cache
+    (cache='none'|'prefix'|'dual'|'vicinity')."""
+    from dllm_jax.engine.dinfer import CreditThreshold, VicinityCache
+
+    bl, _ = _blocks(gen_length, block_length, None)
+    if model_cfg is not None and model_cfg.logit_shift:
+        raise PresetError("dinfer_credit is defined for LLaDA-style models (no logit shift); Dream is not supported")
+    if not (0.0 < threshold <= 1.0) or alpha < 0 or boost < 0 or not (0.0 <= decay <= 1.0):
+        raise PresetError(f"dinfer_credit needs threshold in (0, 1], alpha >= 0, boost >= 0, decay in [0, 1]; got "
+                          f"{threshold}, {alpha}, {boost}, {decay}")
+    cpol = (VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))
+            if cache == "vicinity" else _cache(cache))
+    acc = CreditThreshold(threshold=float(threshold), alpha=float(alpha), boost=float(boost), decay=float(decay),
+                          slots=int(slots or bl))
+    return Schedule(window=FixedBlocks(bl), accept=acc, cache=cpol,
+                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
+                    eos_early_stop=eos_early_stop, name="dinfer_credit")
+
+
 def entropy_elastic(gen_length, *, budget=1.0, min_size=4, max_size=64, threshold=0.9, cache="none",
                     eos_early_stop=False, model_cfg=None):
     """Entropy-elastic window (new): width = clip(uncertainty budget / local uncertainty) x threshold rule."""
@@ -514,7 +536,7 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
 
 
 _COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic")
-_COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap")
+_COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap", "credit")
 _COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity")
 # which caches a window works with: block caches refresh when a block starts (fixed / delimiter blocks); the DSB
 # cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences and
@@ -525,10 +547,11 @@ _COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity"), "adablock": ("no
 
 def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,
             delimiter_ids=(198,), delimiter_threshold=math.inf, budget=1.0, min_size=4, max_size=64,
-            threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, prefix_window=8,
+            threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, alpha=0.7,
+            boost=0.2, decay=0.8, prefix_window=8,
             prefix_look=16, after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
     """Any window x acceptance x cache by name (LLaDA-style: no logit shift handling beyond the model's):
-    window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap,
+    window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap|credit,
     cache none|prefix|dual|dsb|vicinity. E.g. window=sliding, accept=hierarchical, cache=dsb."""
     from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
     from dllm_jax.engine.dsb import DSBCache
@@ -569,6 +592,12 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
         acc = TopKQuota(steps_per_block=steps_per_block)
     elif accept == "hierarchical":
         acc = Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold))
+    elif accept == "credit":
+        from dllm_jax.engine.dinfer import CreditThreshold
+
+        acc = CreditThreshold(threshold=float(threshold), alpha=float(alpha), boost=float(boost), decay=float(decay),
+                              # exact when slots >= the forwards a position spends in the window
+                              slots=int(block_length if window == "fixed" else gen_length))
     else:
         if not (0.0 < relaxed <= threshold <= 1.0):
             raise PresetError(f"compose: localleap needs 0 < relaxed ({relaxed}) <= threshold ({threshold}) <= 1")
@@ -588,7 +617,8 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
 
 _EXTRA: dict[str, Callable[..., Schedule]] = {
     "compose": compose,
-    "localleap": localleap, "dinfer_hierarchical": dinfer_hierarchical, "entropy_elastic": entropy_elastic,
+    "localleap": localleap, "dinfer_hierarchical": dinfer_hierarchical, "dinfer_credit": dinfer_credit,
+    "entropy_elastic": entropy_elastic,
     "osdt": osdt, "d2f": d2f,
 }
 

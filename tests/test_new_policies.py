@@ -77,6 +77,8 @@ NEW = [
     ("localleap", dict(block_length=8, threshold=0.8, cache="dual")),
     ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4)),
     ("dinfer_hierarchical", dict(block_length=8, threshold=0.9, prefix_look=4, after_look=4, refresh_every=2)),
+    ("dinfer_credit", dict(block_length=8, threshold=0.6, prefix_look=4, after_look=4)),
+    ("dinfer_credit", dict(block_length=8, threshold=0.6, cache="dual")),
     ("entropy_elastic", dict(budget=1.0, min_size=2, max_size=12)),
     ("entropy_elastic", dict(budget=0.5, min_size=2, max_size=12)),
     ("osdt", dict(thresholds=[0.7, 0.95], block_length=8)),
@@ -180,3 +182,74 @@ def test_d2f_block_causal_mode_matches_growing_sequence(llada_model):
         bc24 = llada_model.with_block_causal(24)
         G.generate(bc24, [PROMPT], gen_length=48,
                    schedule=make_schedule("d2f", 48, bc24.cfg, **{**kw, "block_length": 24}))
+
+
+def _dinfer_credit_reference(model, prompt, gen_length, block_length, threshold, alpha=0.7, boost=0.2, decay=0.8):
+    """dInfer's BlockWise loop with CreditThresholdParallelDecoder, no cache, written densely in numpy: one full
+    forward per step, a dense [block, V] credit matrix per block (decayed after the block's first decode), fused
+    logits logits + alpha log(1 + C), then the threshold rule on the fused probabilities (+ the most confident)."""
+    mask = model.cfg.mask_token_id
+    x = np.array(list(prompt) + [mask] * gen_length)
+    P, nfe = len(prompt), 0
+    for b0 in range(P, P + gen_length, block_length):
+        blk = slice(b0, b0 + block_length)
+        mat, it = None, 0
+        while (x[blk] == mask).any():
+            logits = np.asarray(model.logits(x[None]))[0, blk].astype(np.float64)
+            nfe += 1
+            m = x[blk] == mask
+            mat = np.zeros_like(logits) if mat is None else mat * (decay if it > 0 else 1.0)
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            top = probs.argmax(-1)
+            mat[np.arange(len(top)), top] += np.where(m, probs.max(-1) ** boost, 0.0)
+            fused = logits + alpha * np.log1p(mat)
+            fp = np.exp(fused - fused.max(-1, keepdims=True))
+            fp /= fp.sum(-1, keepdims=True)
+            x0, conf = fused.argmax(-1), fp.max(-1)
+            conf = np.where(m, conf, -np.inf)
+            take = m & ((conf >= threshold) | (np.arange(len(conf)) == conf.argmax()))
+            x[blk] = np.where(take, x0, x[blk])
+            it += 1
+    return x[P:], nfe
+
+
+@pytest.mark.parametrize("prompt,threshold", [(PROMPT, 0.5), (PROMPT[2:], 0.7)])
+def test_dinfer_credit_matches_dense_reference(llada_model, prompt, threshold):
+    sched = make_schedule("dinfer_credit", 32, llada_model.cfg, block_length=8, threshold=threshold, cache="none")
+    out = G.generate(llada_model, [prompt], gen_length=32, schedule=sched, bucket=False)
+    ref, nfe = _dinfer_credit_reference(llada_model, prompt, 32, 8, threshold)
+    np.testing.assert_array_equal(out.generated[0], ref)
+    assert int(out.nfe[0]) == nfe
+    # credit matters here: without it (alpha 0 = Fast-dLLM threshold) the decode differs
+    plain = make_schedule("fastdllm", 32, llada_model.cfg, block_length=8, threshold=threshold)
+    base = G.generate(llada_model, [prompt], gen_length=32, schedule=plain, bucket=False)
+    zero = G.generate(llada_model, [prompt], gen_length=32, bucket=False, schedule=make_schedule(
+        "dinfer_credit", 32, llada_model.cfg, block_length=8, threshold=threshold, cache="none", alpha=0.0))
+    np.testing.assert_array_equal(zero.generated, base.generated)
+    assert int(zero.nfe[0]) == int(base.nfe[0])
+
+
+def test_credit_sparse_slots_equal_dense_and_count_overflow():
+    from dllm_jax.engine.dinfer import CreditThreshold
+
+    ctx = Ctx(batch=2, prompt_len=0, gen_length=6, mask_id=0, eos_id=1, pad_id=1)
+    rng = np.random.default_rng(0)
+    V = 5
+    for slots, expect_overflow in ((6, False), (1, True)):
+        acc = CreditThreshold(threshold=0.9, slots=slots)
+        st = acc.logit_state_init(ctx)
+        dense = np.zeros((2, 6, V))
+        upd = np.ones((2, 6), bool)
+        for _ in range(6):
+            logits = rng.normal(size=(2, 6, V)).astype(np.float32) * 2
+            fused, st = acc.process_logits(st, ctx, jnp.asarray(logits), jnp.asarray(upd), jnp.ones((2, 6), bool))
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            dense *= 0.8
+            idx = p.argmax(-1)
+            np.put_along_axis(dense, idx[..., None], np.take_along_axis(dense, idx[..., None], -1)
+                              + (p.max(-1) ** 0.2)[..., None], -1)
+            if not expect_overflow:
+                np.testing.assert_allclose(np.asarray(fused), logits + 0.7 * np.log1p(dense), rtol=1e-5, atol=1e-5)
+        assert (int(np.asarray(st["overflow"]).sum()) > 0) == expect_overflow

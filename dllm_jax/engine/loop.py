@@ -94,8 +94,24 @@ def _aux_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, logits, w0, sli
     return {k: row_update(jnp.zeros((B, ctx.total_len) + v.shape[2:], v.dtype), v, w0) for k, v in aux.items()}
 
 
+def _process_logits(sched: Schedule, cfg: ModelConfig, ctx: Ctx, pst, logits, x_rows, w0, wst):
+    """Stateful logit processing by the acceptance rule (dInfer credit decoding): the rule sees the logits of the
+    computed rows and its per-position state for them, returns processed logits and the updated state (spliced back
+    into the full [B, L, ...] state). Returns (logits, new state or None)."""
+    acc = sched.accept
+    if pst is None or not getattr(acc, "wants_logits", False):
+        return logits, None
+    T = logits.shape[1]
+    rows_pos = w0[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    in_win = (rows_pos >= wst["s"][:, None]) & (rows_pos < wst["e"][:, None])
+    # per-position leaves ([B, L, ...]) are sliced to the computed rows and spliced back; per-row leaves ([B]) pass
+    rows = jax.tree.map(lambda a: row_slice(a, w0, T) if a.ndim >= 2 else a, pst)
+    logits, rows = acc.process_logits(rows, ctx, logits, (x_rows == ctx.mask_id) & in_win, in_win)
+    return logits, jax.tree.map(lambda a, r: row_update(a, r, w0) if a.ndim >= 2 else r, pst, rows)
+
+
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
-                wst=None):
+                wst=None, pst=None):
     if sched.cfg_scale > 0:
         # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
@@ -107,9 +123,12 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
         kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
     else:
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid)
-    x0, conf = token_stats(sched.sampler, logits, keys, step)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
+    logits, pst = _process_logits(sched, cfg, ctx, pst, logits, x, zeros, wst)
+    x0, conf = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
+    if pst is not None:
+        aux["_logit_state"] = pst
     if cfg.logit_shift:
         x0 = jnp.concatenate([x0[:, :1], x0[:, :-1]], axis=1)
         conf = jnp.concatenate([conf[:, :1], conf[:, :-1]], axis=1)
@@ -117,12 +136,15 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
 
 
 def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W,
-                  wst=None):
+                  wst=None, pst=None):
     w0, write, slice_start = plan
     tokens = row_slice(x, w0, W)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid)
+    logits, pst = _process_logits(sched, cfg, ctx, pst, logits, tokens, w0, wst)
     x0w, confw = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
+    if pst is not None:
+        aux["_logit_state"] = pst
     if cfg.logit_shift:
         # shift inside the reference's slice: its first position keeps its own row
         own = (w0[:, None] + jnp.arange(W)[None]) <= slice_start[:, None]
@@ -179,6 +201,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
     }
     if cpol.has_cache:
         carry["kv"] = init_cache(cfg, ctx, params["embed"].dtype, kv_sharding)
+    if getattr(acc, "wants_logits", False):
+        carry["p"] = acc.logit_state_init(ctx)
     if trace_len:
         carry["trace"] = {"full": jnp.zeros((trace_len, B), bool), "s": jnp.zeros((trace_len, B), jnp.int32),
                           "e": jnp.zeros((trace_len, B), jnp.int32), "n": jnp.zeros((trace_len, B), jnp.int32),
@@ -195,9 +219,10 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         if cpol.has_cache:
             kv = c["kv"]
             plan = cpol.plan_window(cs, ctx, w, W)
-            full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w)  # noqa
+            full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,  # noqa
+                                       c.get("p"))
             window = lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step,  # noqa
-                                           kv, plan, W, w)
+                                           kv, plan, W, w, c.get("p"))
 
             def mixed():
                 xf, cf, kvf, af = full()
@@ -214,8 +239,10 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
                 branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
                 x0, conf, kv, aux = jax.lax.switch(branch, [window, full, mixed])
         else:
-            x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w)
+            x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,
+                                           c.get("p"))
         did_full = need_full & active
+        pst = aux.pop("_logit_state", None) if isinstance(aux, dict) else None
 
         w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
         c_lo, c_hi = cpol.cand_range(cs, ctx, w, did_full)
@@ -256,6 +283,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
             active = active & ~stopped
 
         out = {**c, "x": x, "w": w, "a": a, "c": cs, "i": i, "nfe": nfe, "active": active, "it": c["it"] + 1}
+        if pst is not None:
+            out["p"] = pst
         if cpol.has_cache:
             out["kv"] = constrain_cache(kv, kv_sharding)
         if trace_len:

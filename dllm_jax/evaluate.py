@@ -201,7 +201,47 @@ def _frontier_md(results, meta) -> str:
         tpf = np.mean([r["tasks"][t]["tpf"] for t in tasks_])
         lines.append(f"| {r['label']} | {cells} | {r['accuracy'] * 100:.1f} | {r['mean_nfe']:.1f} | {tpf:.2f} | "
                      f"{r['tokens_per_s']:.0f} |")
+    lines += goal_check(results)
     return "\n".join(lines) + "\n"
+
+
+GOAL_REFERENCE = "fastdllm_dual th0.9"
+
+
+def goal_check(results, ref_label: str = GOAL_REFERENCE, ratio: float = 0.7) -> list:
+    """Markdown lines: which schedules reach <= ratio x the reference's mean NFE at equal or better accuracy, on the
+    mean over tasks and per task (the reference and the candidates measured in the same run)."""
+    ref = next((r for r in results if r["label"] == ref_label), None)
+    if ref is None:
+        return []
+    out = ["", f"## Goal: <= {ratio}x the mean NFE of `{ref_label}` at equal or better accuracy", "",
+           f"Reference: mean accuracy {ref['accuracy'] * 100:.1f} %, mean NFE {ref['mean_nfe']:.1f} "
+           f"(bound {ratio * ref['mean_nfe']:.1f}).", ""]
+    wins = [r for r in results if r is not ref and r["mean_nfe"] <= ratio * ref["mean_nfe"]
+            and r["accuracy"] >= ref["accuracy"]]
+    if wins:
+        out.append("Met on the task mean by: " + ", ".join(
+            f"`{r['label']}` ({r['mean_nfe'] / ref['mean_nfe']:.2f}x NFE, {r['accuracy'] * 100:.1f} %)"
+            for r in sorted(wins, key=lambda r: r["mean_nfe"])) + ".")
+    else:
+        out.append("Not met on the task mean by any schedule of this run.")
+    for t in ref["tasks"]:
+        rt = ref["tasks"][t]
+        w = [r for r in results if r is not ref and r["tasks"][t]["mean_nfe"] <= ratio * rt["mean_nfe"]
+             and r["tasks"][t]["accuracy"] >= rt["accuracy"]]
+        best = min(w, key=lambda r: r["tasks"][t]["mean_nfe"]) if w else None
+        out.append(f"* {t}: reference {rt['accuracy'] * 100:.1f} % at NFE {rt['mean_nfe']:.1f}; " + (
+            f"met by {len(w)} schedule(s), fewest forwards: `{best['label']}` "
+            f"({best['tasks'][t]['mean_nfe'] / rt['mean_nfe']:.2f}x, {best['tasks'][t]['accuracy'] * 100:.1f} %)"
+            if best else "not met"))
+    return out
+
+
+def _family(r) -> str:
+    """Curve name of a result: the preset (its threshold / factor variants form one curve); compositions by label."""
+    if r["preset"] == "compose":
+        return r["label"]
+    return r["preset"]
 
 
 def _plot(results, path):
@@ -213,17 +253,31 @@ def _plot(results, path):
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results:
-        ax.scatter(r["mean_nfe"], r["accuracy"] * 100)
-        ax.annotate(r["label"], (r["mean_nfe"], r["accuracy"] * 100), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("mean NFE per example (lower = faster)")
-    ax.set_ylabel("mean exact-match accuracy (%)")
-    ax.set_title("Quality-speed frontier, embedded default model")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=120)
+    tasks_ = list(results[0]["tasks"])
+    panels = tasks_ + ["mean"]
+    fams = list(dict.fromkeys(_family(r) for r in results))
+    cmap = plt.get_cmap("tab20")
+    markers = "os^vD<>pPhX*"
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 3.2, 4.4), sharey=True)
+    for ax, panel in zip(np.atleast_1d(axes), panels):
+        for k, fam in enumerate(fams):
+            rs = [r for r in results if _family(r) == fam]
+            pts = sorted(((r["mean_nfe"], r["accuracy"]) if panel == "mean" else
+                          (r["tasks"][panel]["mean_nfe"], r["tasks"][panel]["accuracy"])) for r in rs)
+            xs, ys = zip(*pts)
+            ax.plot(xs, [y * 100 for y in ys], marker=markers[k % len(markers)], color=cmap(k % 20), lw=1.2, ms=5,
+                    label=fam)
+        ax.set_title(panel if panel != "mean" else "mean over tasks")
+        ax.set_xlabel("mean NFE per example")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("exact-match accuracy (%)")
+    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle("Quality-speed frontier on the embedded default model (up-left is better)")
+    fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.2 * len(panels) + 3.2), 0.95))
+    fig.savefig(path + ".tmp.png", dpi=110)
+    plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return True
 

@@ -91,3 +91,19 @@ def test_eval_blockbatch_and_codec(tiny_char_model):
     assert any("adablock" in lab for lab in labels) and any("blockbatch" in lab for lab in labels)
     ada = [kw for _, p, kw in evaluate.sweep_runs(codec) if p == "adablock"][0]
     assert list(ada["delimiter_ids"]) == codec.newline_ids()
+
+
+def test_goal_check_and_plot(tmp_path):
+    def res(label, preset, acc, nfe):
+        return {"label": label, "preset": preset, "accuracy": acc, "mean_nfe": nfe, "tokens_per_s": 1.0,
+                "tasks": {"sort": {"accuracy": acc, "mean_nfe": nfe, "tpf": 1.0}}}
+
+    results = [res("fastdllm_dual th0.9", "fastdllm_dual", 0.8, 20.0), res("fast th0.5", "fastdllm", 0.8, 14.0),
+               res("fast th0.3", "fastdllm", 0.5, 5.0), res("slow", "vanilla", 0.9, 60.0)]
+    text = "\n".join(evaluate.goal_check(results))
+    assert "Met on the task mean by: `fast th0.5` (0.70x NFE, 80.0 %)" in text and "fast th0.3" not in text
+    worse = [results[0], res("x", "dsb", 0.79, 10.0)]
+    assert "Not met" in "\n".join(evaluate.goal_check(worse))
+    assert evaluate.goal_check(results[1:]) == []  # no reference in the run: no claim
+    pytest.importorskip("matplotlib")
+    assert evaluate._plot(results, str(tmp_path / "f.png")) and (tmp_path / "f.png").stat().st_size > 1000

@@ -154,7 +154,7 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
         sched = make_schedule(preset, g, model.cfg, **kw2)
         if eos_stop:
             sched = sched.replace(eos_early_stop=True)
-        hits, nfe, toks, run_s, compile_s = 0, [], 0, 0.0, 0.0
+        hits, chars, nfe, toks, run_s, compile_s = 0, 0.0, [], 0, 0.0, 0.0
         for s in range(0, n, batch_size):
             chunk = exs[s:s + batch_size]
             rows = [codec.encode(e.prompt) for e in chunk]
@@ -164,8 +164,11 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
             nfe += out.nfe.tolist()
             toks += int(np.sum(out.gen_lengths))
             for e, gen in zip(chunk, out.generated):
-                hits += bool(tasks.score(task, codec.decode(gen), e))
-        per_task[task] = {"accuracy": hits / len(exs), "mean_nfe": float(np.mean(nfe)), "tokens": toks,
+                text = codec.decode(gen)
+                hits += bool(tasks.score(task, text, e))
+                chars += tasks.char_accuracy(text, e)
+        per_task[task] = {"accuracy": hits / len(exs), "char_accuracy": chars / len(exs),
+                          "mean_nfe": float(np.mean(nfe)), "tokens": toks,
                           "tpf": toks / max(sum(nfe), 1), "tokens_per_s": toks / max(run_s, 1e-9),
                           "run_s": run_s, "compile_s": compile_s, "gen_length": g, "n": len(exs),
                           "nfe_total": int(sum(nfe))}
@@ -173,7 +176,8 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
     mean_nfe = float(np.mean([v["mean_nfe"] for v in per_task.values()]))
     toks = sum(v["tokens"] for v in per_task.values())
     run_s = sum(v["run_s"] for v in per_task.values())
-    return {"preset": preset, "kwargs": kw, "tasks": per_task, "accuracy": acc, "mean_nfe": mean_nfe,
+    return {"preset": preset, "kwargs": kw, "tasks": per_task, "accuracy": acc,
+            "char_accuracy": float(np.mean([v["char_accuracy"] for v in per_task.values()])), "mean_nfe": mean_nfe,
             "nfe_mean": mean_nfe, "tpf": toks / max(sum(v["nfe_total"] for v in per_task.values()), 1),
             "tokens_per_s": toks / max(run_s, 1e-9), "run_s": run_s,
             "compile_s": sum(v["compile_s"] for v in per_task.values()), "wall_s": time.perf_counter() - t_wall,
@@ -188,51 +192,60 @@ def _run(model, rows, gen_length, sched):
 
 def _frontier_md(results, meta) -> str:
     tasks_ = list(results[0]["tasks"])
-    head = "| schedule | " + " | ".join(f"{t} acc" for t in tasks_) + " | mean acc | mean NFE | TPF | tokens/s |"
+    head = ("| schedule | " + " | ".join(f"{t} acc" for t in tasks_) + " | mean acc | "
+            + " | ".join(f"{t} char" for t in tasks_) + " | mean char | mean NFE | TPF | tokens/s |")
     lines = [f"# Quality-speed frontier on the embedded default model", "",
              f"Machine: {meta['machine']}; jax {meta['jax']}; {meta['n']} held-out examples per task, batch "
              f"{meta['batch_size']}; EOS early stop {'on' if meta['eos_stop'] else 'off'}.", "",
-             "Counting: accuracy = exact match of the final answer; NFE = forwards per example (mean over examples, "
+             "Counting: accuracy = exact match of the final answer; char = character accuracy of the whole response "
+             "(secondary, partial credit: characters of the target reproduced at the same position / the longer "
+             "length); NFE = forwards per example (mean over examples, "
              "then over tasks); TPF = generated tokens up to EOS / NFE; tokens/s = generated tokens up to EOS / run "
              "wall time (compile excluded). CPU timings on a shared 2-core machine are indicative only.", "",
-             head, "|" + "---|" * (len(tasks_) + 5)]
+             head, "|" + "---|" * (2 * len(tasks_) + 6)]
     for r in results:
         cells = " | ".join(f"{r['tasks'][t]['accuracy'] * 100:.1f}" for t in tasks_)
+        ccells = " | ".join(f"{r['tasks'][t].get('char_accuracy', float('nan')) * 100:.1f}" for t in tasks_)
         tpf = np.mean([r["tasks"][t]["tpf"] for t in tasks_])
-        lines.append(f"| {r['label']} | {cells} | {r['accuracy'] * 100:.1f} | {r['mean_nfe']:.1f} | {tpf:.2f} | "
+        lines.append(f"| {r['label']} | {cells} | {r['accuracy'] * 100:.1f} | {ccells} | "
+                     f"{r.get('char_accuracy', float('nan')) * 100:.1f} | {r['mean_nfe']:.1f} | {tpf:.2f} | "
                      f"{r['tokens_per_s']:.0f} |")
     lines += goal_check(results)
+    if all("char_accuracy" in r for r in results):
+        lines += goal_check(results, metric="char_accuracy")
     return "\n".join(lines) + "\n"
 
 
 GOAL_REFERENCE = "fastdllm_dual th0.9"
 
 
-def goal_check(results, ref_label: str = GOAL_REFERENCE, ratio: float = 0.7) -> list:
-    """Markdown lines: which schedules reach <= ratio x the reference's mean NFE at equal or better accuracy, on the
-    mean over tasks and per task (the reference and the candidates measured in the same run)."""
+def goal_check(results, ref_label: str = GOAL_REFERENCE, ratio: float = 0.7, metric: str = "accuracy") -> list:
+    """Markdown lines: which schedules reach <= ratio x the reference's mean NFE at equal or better `metric`
+    (exact-match "accuracy", or "char_accuracy"), on the mean over tasks and per task (the reference and the
+    candidates measured in the same run)."""
     ref = next((r for r in results if r["label"] == ref_label), None)
     if ref is None:
         return []
-    out = ["", f"## Goal: <= {ratio}x the mean NFE of `{ref_label}` at equal or better accuracy", "",
-           f"Reference: mean accuracy {ref['accuracy'] * 100:.1f} %, mean NFE {ref['mean_nfe']:.1f} "
+    name = "exact-match accuracy" if metric == "accuracy" else "character accuracy"
+    out = ["", f"## Goal ({name}): <= {ratio}x the mean NFE of `{ref_label}` at equal or better {name}", "",
+           f"Reference: mean {name} {ref[metric] * 100:.1f} %, mean NFE {ref['mean_nfe']:.1f} "
            f"(bound {ratio * ref['mean_nfe']:.1f}).", ""]
     wins = [r for r in results if r is not ref and r["mean_nfe"] <= ratio * ref["mean_nfe"]
-            and r["accuracy"] >= ref["accuracy"]]
+            and r[metric] >= ref[metric]]
     if wins:
         out.append("Met on the task mean by: " + ", ".join(
-            f"`{r['label']}` ({r['mean_nfe'] / ref['mean_nfe']:.2f}x NFE, {r['accuracy'] * 100:.1f} %)"
+            f"`{r['label']}` ({r['mean_nfe'] / ref['mean_nfe']:.2f}x NFE, {r[metric] * 100:.1f} %)"
             for r in sorted(wins, key=lambda r: r["mean_nfe"])) + ".")
     else:
         out.append("Not met on the task mean by any schedule of this run.")
     for t in ref["tasks"]:
         rt = ref["tasks"][t]
         w = [r for r in results if r is not ref and r["tasks"][t]["mean_nfe"] <= ratio * rt["mean_nfe"]
-             and r["tasks"][t]["accuracy"] >= rt["accuracy"]]
+             and r["tasks"][t][metric] >= rt[metric]]
         best = min(w, key=lambda r: r["tasks"][t]["mean_nfe"]) if w else None
-        out.append(f"* {t}: reference {rt['accuracy'] * 100:.1f} % at NFE {rt['mean_nfe']:.1f}; " + (
+        out.append(f"* {t}: reference {rt[metric] * 100:.1f} % at NFE {rt['mean_nfe']:.1f}; " + (
             f"met by {len(w)} schedule(s), fewest forwards: `{best['label']}` "
-            f"({best['tasks'][t]['mean_nfe'] / rt['mean_nfe']:.2f}x, {best['tasks'][t]['accuracy'] * 100:.1f} %)"
+            f"({best['tasks'][t]['mean_nfe'] / rt['mean_nfe']:.2f}x, {best['tasks'][t][metric] * 100:.1f} %)"
             if best else "not met"))
     return out
 
@@ -258,21 +271,25 @@ def _plot(results, path):
     fams = list(dict.fromkeys(_family(r) for r in results))
     cmap = plt.get_cmap("tab20")
     markers = "os^vD<>pPhX*"
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 3.2, 4.4), sharey=True)
-    for ax, panel in zip(np.atleast_1d(axes), panels):
-        for k, fam in enumerate(fams):
-            rs = [r for r in results if _family(r) == fam]
-            pts = sorted(((r["mean_nfe"], r["accuracy"]) if panel == "mean" else
-                          (r["tasks"][panel]["mean_nfe"], r["tasks"][panel]["accuracy"])) for r in rs)
-            xs, ys = zip(*pts)
-            ax.plot(xs, [y * 100 for y in ys], marker=markers[k % len(markers)], color=cmap(k % 20), lw=1.2, ms=5,
-                    label=fam)
-        ax.set_title(panel if panel != "mean" else "mean over tasks")
-        ax.set_xlabel("mean NFE per example")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("exact-match accuracy (%)")
-    handles, labels = np.atleast_1d(axes)[0].get_legend_handles_labels()
+    metrics = [("accuracy", "exact match (%)")]
+    if all("char_accuracy" in r for r in results):
+        metrics.append(("char_accuracy", "character accuracy (%)"))
+    fig, axes = plt.subplots(len(metrics), len(panels), figsize=(4.2 * len(panels) + 3.2, 4.0 * len(metrics)),
+                             squeeze=False)
+    for row, (metric, ylabel) in enumerate(metrics):
+        for ax, panel in zip(axes[row], panels):
+            for k, fam in enumerate(fams):
+                rs = [r for r in results if _family(r) == fam]
+                pts = sorted(((r["mean_nfe"], r[metric]) if panel == "mean" else
+                              (r["tasks"][panel]["mean_nfe"], r["tasks"][panel][metric])) for r in rs)
+                xs, ys = zip(*pts)
+                ax.plot(xs, [y * 100 for y in ys], marker=markers[k % len(markers)], color=cmap(k % 20), lw=1.2,
+                        ms=5, label=fam)
+            ax.set_title(panel if panel != "mean" else "mean over tasks")
+            ax.set_xlabel("mean NFE per example")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(ylabel)
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
     fig.suptitle("Quality-speed frontier on the embedded default model (up-left is better)")
     fig.tight_layout(rect=(0, 0, 1 - 2.6 / (4.2 * len(panels) + 3.2), 0.95))

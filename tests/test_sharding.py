@@ -70,6 +70,27 @@ def test_mesh_matches_single_device(request, family, preset, kw, mesh_name):
     assert not out.unfinished.any()
 
 
+# every other policy family on the mixed mesh (BlockBatch's rows are branches of one request: no mesh support)
+ADVANCED = [
+    ("dsb_cache", dict(block_length=8, threshold=0.7, prefix_window=4)),
+    ("adablock_dual", dict(init_block_length=8, threshold=0.7, delimiter_ids=(5,), delimiter_threshold=0.2)),
+    ("dinfer_credit", dict(block_length=8, threshold=0.7, prefix_look=4, after_look=4)),
+    ("d2f", dict(block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.7)),
+    ("entropy_elastic", dict(min_size=2, max_size=12)),
+    ("localleap", dict(block_length=8, cache="dual")),
+    ("compose", dict(window="sliding", accept="hierarchical", cache="dsb", block_length=8, prefix_window=4)),
+]
+
+
+@pytest.mark.parametrize("preset,kw", ADVANCED, ids=[a[0] for a in ADVANCED])
+def test_advanced_schedules_on_a_mesh(llada_model, preset, kw):
+    sched = make_schedule(preset, GEN, llada_model.cfg, **kw)
+    ref = generate(llada_model, PROMPTS8, gen_length=GEN, schedule=sched)
+    out = generate(llada_model, PROMPTS8, gen_length=GEN, schedule=sched, mesh=MESHES["mixed2x4"]())
+    np.testing.assert_array_equal(out.sequences, ref.sequences)
+    np.testing.assert_array_equal(out.nfe, ref.nfe)
+
+
 def test_kv_cache_stays_sharded_in_the_loop(llada_model):
     """The compiled 2x4 dual-cache program only ever holds the per-device KV block [L, B/2, S, K/4, hd]."""
     import importlib

@@ -98,3 +98,12 @@ def test_examples_fit_training_buffer(task):
     for ex in tasks.generate(task, "train", 2000, seed=5):
         assert len(ex.prompt) <= t.max_prompt_chars and len(ex.target) <= t.max_target_chars
         assert len(tok.encode_prompt(ex.prompt)) + len(tok.encode(ex.target)) + 1 <= PRESETS["default"].seq_len
+
+
+def test_char_accuracy_partial_credit():
+    e = tasks.generate("sort", "heldout", 1, 0)[0]
+    assert tasks.char_accuracy(e.target, e) == 1.0 == tasks.char_accuracy(e.target + "<|eos|>junk", e)
+    n = len(e.target)
+    assert tasks.char_accuracy(e.target[:-1] + "x", e) == (n - 1) / n
+    assert tasks.char_accuracy(e.target + "12", e) == n / (n + 2)  # too long loses the excess
+    assert tasks.char_accuracy("", e) == 0.0

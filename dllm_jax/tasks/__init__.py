@@ -96,3 +96,15 @@ def score(task: str, generated_text: str, example: Example) -> bool:
     """Exact match of the final answer in `generated_text` (the decoded response) against `example.answer`."""
     got = extract_answer(task, generated_text)
     return got is not None and got == example.answer
+
+
+def char_accuracy(generated_text: str, example: Example) -> float:
+    """Secondary, partial-credit metric: the fraction of the target response's characters reproduced at the same
+    position, over max(len(generated), len(target)) (trailing spaces ignored; a longer or shorter output loses the
+    difference). 1.0 iff the response equals the target. Exact match (`score`) stays the task metric."""
+    got = strip_eos(generated_text).rstrip()
+    want = example.target.rstrip()
+    n = max(len(got), len(want))
+    if n == 0:
+        return 1.0
+    return sum(a == b for a, b in zip(got, want)) / n

@@ -190,7 +190,9 @@ def task_accuracy(model_path, schedules, n, batch_size) -> dict:
             t = time.perf_counter()
             r = evaluate.evaluate_schedule(model, preset, kw, None, n, batch_size)
             row = {"variant": label, "schedule": sname, "accuracy": r["accuracy"], "mean_nfe": r["mean_nfe"],
-                   "tasks": {k: {"accuracy": v["accuracy"], "mean_nfe": v["mean_nfe"]} for k, v in r["tasks"].items()}}
+                   "char_accuracy": r.get("char_accuracy"),
+                   "tasks": {k: {"accuracy": v["accuracy"], "mean_nfe": v["mean_nfe"],
+                                 "char_accuracy": v.get("char_accuracy")} for k, v in r["tasks"].items()}}
             res["runs"].append(row)
             print(f"  {label:18s} {sname:14s} acc {r['accuracy'] * 100:5.1f}%  NFE {r['mean_nfe']:6.1f} "
                   f"({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
@@ -201,12 +203,17 @@ def tasks_md(res) -> str:
     if "skipped" in res:
         return f"skipped: {res['skipped']}"
     names = list(res["runs"][0]["tasks"])
-    lines = ["| weights | schedule | " + " | ".join(f"{t} acc / NFE" for t in names) + " | mean acc | mean NFE |",
-             "|---|---|" + "---|" * (len(names) + 2)]
+    lines = ["| weights | schedule | " + " | ".join(f"{t} acc / char / NFE" for t in names)
+             + " | mean acc | mean char | mean NFE |", "|---|---|" + "---|" * (len(names) + 3)]
+
+    def pct(v):
+        return "n/a" if v is None else f"{v * 100:.1f}%"
+
     for r in res["runs"]:
-        cells = " | ".join(f"{r['tasks'][t]['accuracy'] * 100:.1f}% / {r['tasks'][t]['mean_nfe']:.1f}" for t in names)
-        lines.append(f"| {r['variant']} | {r['schedule']} | {cells} | {r['accuracy'] * 100:.1f}% | "
-                     f"{r['mean_nfe']:.1f} |")
+        cells = " | ".join(f"{pct(r['tasks'][t]['accuracy'])} / {pct(r['tasks'][t].get('char_accuracy'))} / "
+                           f"{r['tasks'][t]['mean_nfe']:.1f}" for t in names)
+        lines.append(f"| {r['variant']} | {r['schedule']} | {cells} | {pct(r['accuracy'])} | "
+                     f"{pct(r.get('char_accuracy'))} | {r['mean_nfe']:.1f} |")
     return "\n".join(lines)
 
 

@@ -379,8 +379,26 @@ def data_dependent(sched) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Running one point
 
-def make_prompts(cfg, n_rows: int, length: int, seed: int) -> list[list[int]]:
-    """`n_rows` distinct prompts of exactly `length` random ordinary token ids."""
+def task_prompts(n_rows: int, length: int, seed: int) -> list[list[int]]:
+    """`n_rows` held-out `sort` prompts of the task suite, chat-formatted with the embedded character tokenizer (41-61
+    tokens): real prompts for the embedded model, whose decode on random ids is degenerate (EOS at once)."""
+    from dllm_jax import tasks
+    from dllm_jax.generate import bucket_length
+    from dllm_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    rows = [tok.encode_prompt(e.prompt) for e in tasks.generate("sort", "heldout", n_rows, seed)]
+    if max(map(len, rows)) > bucket_length(length):
+        raise ValueError(f"task prompts ({max(map(len, rows))} tokens) do not fit the {length}-token prompt bucket "
+                         f"({bucket_length(length)}); use --prompts short or --prompt-source random")
+    return rows
+
+
+def make_prompts(cfg, n_rows: int, length: int, seed: int, source: str = "random") -> list[list[int]]:
+    """`n_rows` distinct prompts of exactly `length` random ordinary token ids (source="tasks": held-out task
+    prompts of the embedded model, see task_prompts)."""
+    if source == "tasks":
+        return task_prompts(n_rows, length, seed)
     hi = min(cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.vocab_size)
     bos = cfg.get("bos_token_id")
     if isinstance(bos, int) and 0 < bos < hi:
@@ -422,6 +440,7 @@ class Bench:
     threshold: float = 0.9
     replay_model: Any = None
     replay_label: str | None = None
+    prompt_source: str = "random"  # "tasks": held-out task prompts (embedded character model)
     replay_rows: int = 8
     seed: int = 0
     mem_limit: float | None = None
@@ -480,7 +499,7 @@ class Bench:
                                            f"{self.mem_limit / 2**30:.1f} GiB available (not run)")
             return rec
         model = Model(cfg, self.model.params)
-        prompts = make_prompts(cfg, B, p_len, self.seed)
+        prompts = make_prompts(cfg, B, p_len, self.seed, self.prompt_source)
         try:
             first = _generate(model, prompts, G, sched)
             times = [_generate(model, prompts, G, sched).run_time_s for _ in range(self.repeats)]
@@ -870,6 +889,9 @@ def parse_args(argv):
     ap.add_argument("--replay-from", help="checkpoint whose decode traces random-weight threshold runs replay "
                                           "(default: embedded model, else tests/fixtures/llada_tiny)")
     ap.add_argument("--replay-rows", type=int, default=8)
+    ap.add_argument("--prompt-source", choices=["auto", "random", "tasks"], default="auto",
+                    help="prompt token ids: random ordinary ids, or held-out task prompts (the embedded character "
+                         "model; auto = tasks for a checkpoint with the character tokenizer, else random)")
     ap.add_argument("--project", default="llada-8b,dream-7b",
                     help="shapes (comma-separated, '' for none) to project this run's forward patterns onto under "
                          "the roofline (bf16 bounds, computed)")
@@ -943,10 +965,21 @@ def main(argv=None) -> int:
             else default_replay_model()
         if rpath:
             replay_model = dllm_jax.load(rpath)
+    prompt_source = a.prompt_source
+    if prompt_source == "auto":
+        prompt_source = "random"
+        if not random_w and getattr(model, "tokenizer_path", None):
+            from dllm_jax.tokenizer import CharTokenizer
+
+            try:
+                CharTokenizer.load(model.tokenizer_path)
+                prompt_source = "tasks"
+            except (ValueError, KeyError, OSError):
+                pass
     bench = Bench(model=model, weights=weights, random_weights=random_w, peak_name=peak_name, peak=peak,
                   repeats=cfg["repeats"], block_length=a.block_length, threshold=a.threshold,
                   replay_model=replay_model, replay_label=replay_label, replay_rows=a.replay_rows, seed=a.seed,
-                  mem_limit=_mem_limit(), extra=extra)
+                  mem_limit=_mem_limit(), extra=extra, prompt_source=prompt_source)
     groups = grid(cfg["gen_lengths"], list(prompt_lengths), cfg["batch_sizes"], schedules, cfg["grid"],
                   a.base_gen or cfg.get("base_gen"))
     wslug = re.sub(r"[^a-z0-9]+", "-", wlabel.lower())
@@ -965,11 +998,14 @@ def main(argv=None) -> int:
                     if replay_model is not None else "native on random weights (no replay model found)")
     else:
         nfe_note = f"native: the checkpoint's own decode ({weights})"
+    if prompt_source == "tasks":
+        nfe_note += "; prompts: held-out `sort` task prompts, chat-formatted (41-61 tokens, bucket 64)"
     result = {"machine": info, "peak_name": peak_name, "peak": peak, "weights": weights,
               "params": param_count(model.cfg), "model_config": model.cfg.to_dict(), "dtype": dtype,
               "schedules": schedules,
               "block_length": a.block_length, "threshold": a.threshold, "grid": cfg["grid"],
-              "repeats": cfg["repeats"], "nfe_note": nfe_note, "wall_s": time.perf_counter() - t0,
+              "repeats": cfg["repeats"], "nfe_note": nfe_note, "prompt_source": prompt_source,
+              "wall_s": time.perf_counter() - t0,
               "counting": "tok_s = batch * gen_length / best run wall time (no EOS early stop; compile excluded); "
                           "tok_s_to_eos = tokens up to the first EOS / the same time; tpf = gen_length / mean NFE",
               "peaks_table": PEAKS, "argv": list(argv or []), "points": points}

@@ -189,3 +189,15 @@ def test_grid_star_and_errors():
         bench.shape_config("nope")
     assert 80e6 < bench.param_count(bench.shape_config("100m")) < 120e6
     assert 7.5e9 < bench.param_count(bench.shape_config("llada-8b")) < 8.5e9
+
+
+def test_task_prompts_for_the_embedded_model():
+    from dllm_jax.tokenizer import CharTokenizer
+
+    rows = bench.make_prompts(None, 3, 40, 0, source="tasks")
+    assert rows == bench.make_prompts(None, 3, 40, 0, source="tasks") and len(rows) == 3
+    tok = CharTokenizer()
+    assert all(r[:2] == [tok.bos_id, tok.vocab["<|user|>"]] and len(r) <= 64 for r in rows)
+    assert tok.decode(rows[0], skip_special_tokens=True).startswith("Sort the digits: ")
+    with pytest.raises(ValueError, match="do not fit"):
+        bench.task_prompts(2, 8, 0)

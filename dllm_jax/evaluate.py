@@ -43,7 +43,11 @@ SWEEP_OPTIONAL = [
     # AdaBlock's delimiter is the model's newline token (filled in by `sweep_runs`)
     ("adablock th0.9", "adablock", dict(init_block_length=32, threshold=0.9)),
     ("adablock_dual th0.9", "adablock_dual", dict(init_block_length=32, threshold=0.9)),
+    ("adablock_prefix th0.9", "adablock_prefix", dict(init_block_length=32, threshold=0.9)),
+    ("dsb const. th0.9", "dsb", dict(block_length=32, threshold=0.9, max_block_length=32)),
     ("blockbatch th0.9", "blockbatch", dict(threshold=0.9)),
+    ("blockbatch_rms th0.9", "blockbatch_rms", dict(threshold=0.9)),
+    ("osdt (calibrated per task)", "osdt", dict(calibrate_on_train=True)),
     ("entropy_elastic", "entropy_elastic", dict()),
     ("d2f", "d2f", dict()),
     ("dinfer_hierarchical", "dinfer_hierarchical", dict()),
@@ -151,6 +155,12 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
         kw2 = dict(kw)
         if "block_length" in kw2:
             kw2["block_length"] = min(kw2["block_length"], g)
+        if kw2.pop("calibrate_on_train", False):  # OSDT: thresholds calibrated once per task, on one train problem
+            from dllm_jax.engine import osdt
+
+            train_ex = tasks.generate(task, "train", 1, seed)[0]
+            cal = osdt.calibrate(model, codec.encode(train_ex.prompt), g, block_length=min(32, g))
+            kw2.update(thresholds=cal["thresholds"], block_length=cal["block_length"])
         sched = make_schedule(preset, g, model.cfg, **kw2)
         if eos_stop:
             sched = sched.replace(eos_early_stop=True)

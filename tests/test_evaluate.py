@@ -130,3 +130,10 @@ def test_shipped_model_floor():
     model = dllm_jax.load(evaluate.default_model_path())
     r = evaluate.evaluate_schedule(model, "vanilla", dict(block_length=32), ["sort"], n=8, batch_size=8)
     assert r["tasks"]["sort"]["char_accuracy"] >= 0.75, r["tasks"]["sort"]
+
+
+def test_sweep_osdt_calibrates_per_task(tiny_char_model):
+    model = dllm_jax.load(tiny_char_model)
+    r = evaluate.evaluate_schedule(model, "osdt", dict(calibrate_on_train=True), ["sort"], n=2, batch_size=2)
+    assert r["tasks"]["sort"]["n"] == 2 and r["nfe_mean"] > 0
+    assert any(p == "osdt" for _, p, _ in evaluate.sweep_runs())

@@ -431,12 +431,20 @@ def localleap(gen_length, *, block_length=32, threshold=0.9, relaxed=0.75, radiu
                     eos_early_stop=eos_early_stop, name="localleap")
 
 
+def _looks(prefix_look, after_look, refresh_every):
+    if prefix_look is None or after_look is None or prefix_look < 0 or after_look < 0:
+        raise PresetError(f"prefix_look/after_look must be >= 0, got {prefix_look}/{after_look}")
+    if refresh_every is None or refresh_every < 0:
+        raise PresetError(f"refresh_every must be >= 0 (0 = only on entering a block), got {refresh_every}")
+
+
 def dinfer_hierarchical(gen_length, *, block_length=32, threshold=0.9, run_threshold=0.4, prefix_look=16,
                         after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
     """dInfer hierarchical decoding (per-run best + threshold) with the vicinity-refresh cache."""
     from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
 
     bl, _ = _blocks(gen_length, block_length, None)
+    _looks(prefix_look, after_look, refresh_every)
     return Schedule(window=FixedBlocks(bl),
                     accept=Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold)),
                     cache=VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look),
@@ -458,6 +466,7 @@ def dinfer_credit(gen_length, *, block_length=32, threshold=0.9, alpha=0.7, boos
     if not (0.0 < threshold <= 1.0) or alpha < 0 or boost < 0 or not (0.0 <= decay <= 1.0):
         raise PresetError(f"dinfer_credit needs threshold in (0, 1], alpha >= 0, boost >= 0, decay in [0, 1]; got "
                           f"{threshold}, {alpha}, {boost}, {decay}")
+    _looks(prefix_look, after_look, refresh_every)
     cpol = (VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))
             if cache == "vicinity" else _cache(cache))
     acc = CreditThreshold(threshold=float(threshold), alpha=float(alpha), boost=float(boost), decay=float(decay),
@@ -607,6 +616,7 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
             raise PresetError(f"prefix_window must be >= 0, got {prefix_window}")
         cpol = DSBCache(prefix_window=int(prefix_window), suffix_window=0, refresh_tokens=int(block_length))
     elif cache == "vicinity":
+        _looks(prefix_look, after_look, refresh_every)
         cpol = VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))
     else:
         cpol = _cache(cache)

@@ -136,6 +136,13 @@ def test_osdt_calibrate_save_load_reuse(llada_model, tmp_path):
         make_schedule("osdt", 32, llada_model.cfg, calibration=path, block_length=16)
 
 
+@pytest.mark.parametrize("preset", ["dinfer_hierarchical", "dinfer_credit"])
+@pytest.mark.parametrize("kw", [dict(prefix_look=-1), dict(after_look=-2), dict(refresh_every=-1)])
+def test_dinfer_look_arguments_checked(llada_model, preset, kw):
+    with pytest.raises(PresetError, match="must be >= 0"):
+        make_schedule(preset, 16, llada_model.cfg, block_length=8, **kw)
+
+
 def test_new_policy_argument_errors(llada_model):
     with pytest.raises(G.ScheduleError, match="relaxed"):
         G.generate(llada_model, [PROMPT], gen_length=16,

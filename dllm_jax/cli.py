@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -108,10 +107,9 @@ def cmd_generate(a) -> int:
         rows = []
         for p in prompts:
             if not a.no_chat and getattr(tok, "chat_template", None):
-                ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                              tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "keys"):
-                    ids = ids["input_ids"]
+                from dllm_jax.tokenizer import hf_chat_ids
+
+                ids = hf_chat_ids(tok, p)
             else:
                 ids = tok(p, add_special_tokens=False)["input_ids"]
             rows.append(list(ids))
@@ -157,7 +155,6 @@ def render_steps(gen_ids, step_of, piece, eos_id=None, mask_char="\u00b7", color
     returned in `generate(..., trace=True).trace["step_of"]` (generated part); piece(id) -> its text."""
     gen_ids, step_of = np.asarray(gen_ids), np.asarray(step_of)
     n_iter = int(step_of.max()) + 1 if step_of.size else 0
-    shown = len(gen_ids)
 
     def text(t):
         if eos_id is not None and int(t) == eos_id:
@@ -167,7 +164,7 @@ def render_steps(gen_ids, step_of, piece, eos_id=None, mask_char="\u00b7", color
     lines = []
     for k in range(min(n_iter, max_lines)):
         cells = []
-        for t, s in zip(gen_ids[:shown], step_of[:shown]):
+        for t, s in zip(gen_ids, step_of):
             if s < 0 or s > k:
                 cells.append(mask_char)
             elif s == k:
@@ -215,27 +212,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("presets", help="list the schedule presets")
     p.set_defaults(fn=cmd_presets)
 
-    for name, mod, help_ in (("convert", "convert.hf_to_flax", "convert an HF checkpoint to the dllm-jax format"),
-                             ("conformance", "dllm_jax.conformance", "run golden-format cases"),
-                             ("train", "dllm_jax.train", "train the embedded default model"),
-                             ("eval", "dllm_jax.evaluate", "evaluate schedules on the task suite"),
-                             ("bench", "dllm_jax.bench", "efficiency benchmark")):
-        sp = sub.add_parser(name, help=help_, add_help=False)
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(fn=None, module=mod)
+    for name, (_, help_) in _DELEGATED.items():  # listed for --help; dispatched below, before argparse
+        sub.add_parser(name, help=help_, add_help=False)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _DELEGATED:
         # argparse's REMAINDER does not capture a leading `--option`, so these sub-commands get their
         # arguments untouched (`dllm-jax train --preset default` == `python -m dllm_jax.train --preset default`)
-        return _delegate(argv[0], _DELEGATED[argv[0]], argv[1:])
+        return _delegate(argv[0], argv[1:])
     a = ap.parse_args(argv)
-    if os.environ.get("DLLM_JAX_CACHE_DIR"):  # persistent XLA compilation cache (dllm_jax.utils)
-        from dllm_jax.utils import enable_compilation_cache
-
-        enable_compilation_cache()
-    if a.fn is None:
-        return _delegate(a.cmd, a.module, a.rest)
+    _maybe_compilation_cache()
     try:
         return a.fn(a)
     except (ValueError, FileNotFoundError, OSError) as e:
@@ -243,17 +229,26 @@ def main(argv=None) -> int:
         return 2
 
 
-_DELEGATED = {"convert": "convert.hf_to_flax", "conformance": "dllm_jax.conformance", "train": "dllm_jax.train",
-              "eval": "dllm_jax.evaluate", "bench": "dllm_jax.bench"}
+# sub-commands that are modules with their own argument parser: name -> (module, help)
+_DELEGATED = {"convert": ("convert.hf_to_flax", "convert an HF checkpoint to the dllm-jax format"),
+              "conformance": ("dllm_jax.conformance", "run golden-format cases"),
+              "train": ("dllm_jax.train", "train the embedded default model"),
+              "eval": ("dllm_jax.evaluate", "evaluate schedules on the task suite"),
+              "bench": ("dllm_jax.bench", "efficiency benchmark")}
 
 
-def _delegate(cmd: str, module: str, rest: list) -> int:
-    import importlib
-
-    if os.environ.get("DLLM_JAX_CACHE_DIR"):
+def _maybe_compilation_cache() -> None:
+    if os.environ.get("DLLM_JAX_CACHE_DIR"):  # persistent XLA compilation cache (dllm_jax.utils)
         from dllm_jax.utils import enable_compilation_cache
 
         enable_compilation_cache()
+
+
+def _delegate(cmd: str, rest: list) -> int:
+    import importlib
+
+    _maybe_compilation_cache()
+    module = _DELEGATED[cmd][0]
     try:
         mod = importlib.import_module(module)
     except ImportError as e:

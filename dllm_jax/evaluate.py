@@ -112,10 +112,9 @@ class TextCodec:
         if self.char is not None:
             return self.char.encode_prompt(prompt, chat=self.chat)
         if self.chat:
-            ids = self.hf.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                              tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-            return [int(t) for t in ids]
+            from dllm_jax.tokenizer import hf_chat_ids
+
+            return hf_chat_ids(self.hf, prompt)
         return [int(t) for t in self.hf(prompt, add_special_tokens=False)["input_ids"]]
 
     def newline_ids(self) -> list[int]:
@@ -168,7 +167,7 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
         for s in range(0, n, batch_size):
             chunk = exs[s:s + batch_size]
             rows = [codec.encode(e.prompt) for e in chunk]
-            out = _run(model, rows, g, sched)
+            out = generate(model, rows, gen_length=g, schedule=sched)
             run_s += out.run_time_s
             compile_s += out.compile_time_s
             nfe += out.nfe.tolist()
@@ -192,12 +191,6 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
             "tokens_per_s": toks / max(run_s, 1e-9), "run_s": run_s,
             "compile_s": sum(v["compile_s"] for v in per_task.values()), "wall_s": time.perf_counter() - t_wall,
             "batch_size": batch_size, "n": n, "eos_stop": eos_stop}
-
-
-def _run(model, rows, gen_length, sched):
-    from dllm_jax.generate import generate
-
-    return generate(model, rows, gen_length=gen_length, schedule=sched)
 
 
 def _frontier_md(results, meta) -> str:
@@ -342,10 +335,12 @@ def main(argv=None) -> int:
         print(f"error: model {path!r} not found", file=sys.stderr)
         return 2
     task_names = [t for item in a.tasks for t in item.split(",") if t] if a.tasks else None
-    for t in task_names or []:
-        if t not in tasks_mod.list_tasks():
-            print(f"error: unknown task {t!r}; expected one of {', '.join(tasks_mod.list_tasks())}", file=sys.stderr)
-            return 2
+    try:
+        for t in task_names or []:
+            tasks_mod.get_task(t)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.n < 1 or a.batch_size < 1:
         print("error: --limit and --batch-size must be >= 1", file=sys.stderr)
         return 2

@@ -209,11 +209,16 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     t2 = time.perf_counter()
     seqs = out["x"]
     gen = seqs[:, ctx.prompt_len:]
-    is_eos = gen == ctx.eos_id
-    gen_lengths = np.where(is_eos.any(1), is_eos.argmax(1), ctx.gen_length)
+    gen_lengths = _lengths_to_eos(gen, ctx.eos_id)
     return GenerateOutput(sequences=seqs, generated=gen, prompt_len=ctx.prompt_len, nfe=out["nfe"],
                           gen_lengths=gen_lengths, compile_time_s=t1 - t0, run_time_s=t2 - t1,
                           loop_iterations=int(out["steps"]), unfinished=out["unfinished"], trace=out.get("trace"))
+
+
+def _lengths_to_eos(gen_BxG, eos_id):
+    """Generated tokens per row up to (excluding) the first EOS, else the full length."""
+    is_eos = gen_BxG == eos_id
+    return np.where(is_eos.any(1), is_eos.argmax(1), gen_BxG.shape[1])
 
 
 def _generate_branches(model, prompt_ids, gen_length, schedule, bucket, seed) -> GenerateOutput:
@@ -228,8 +233,7 @@ def _generate_branches(model, prompt_ids, gen_length, schedule, bucket, seed) ->
     for r, seq in enumerate(bo.sequences):
         seqs[r, :len(seq)] = np.asarray(seq)
     gen = seqs[:, P:]
-    is_eos = gen == eos
     return GenerateOutput(sequences=seqs, generated=gen, prompt_len=P, nfe=np.asarray(bo.nfe, np.int32),
-                          gen_lengths=np.where(is_eos.any(1), is_eos.argmax(1), gen_length),
+                          gen_lengths=_lengths_to_eos(gen, eos),
                           compile_time_s=bo.compile_time_s, run_time_s=bo.run_time_s,
                           loop_iterations=int(max(bo.nfe)), unfinished=np.asarray([e == "unfinished" for e in bo.exit]))

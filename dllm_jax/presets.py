@@ -441,16 +441,10 @@ def _looks(prefix_look, after_look, refresh_every):
 def dinfer_hierarchical(gen_length, *, block_length=32, threshold=0.9, run_threshold=0.4, prefix_look=16,
                         after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
     """dInfer hierarchical decoding (per-run best + threshold) with the vicinity-refresh cache."""
-    from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
-
-    bl, _ = _blocks(gen_length, block_length, None)
-    _looks(prefix_look, after_look, refresh_every)
-    return Schedule(window=FixedBlocks(bl),
-                    accept=Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold)),
-                    cache=VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look),
-                                        refresh_every=int(refresh_every)),
-                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
-                    eos_early_stop=eos_early_stop, name="dinfer_hierarchical")
+    return compose(gen_length, window="fixed", accept="hierarchical", cache="vicinity", block_length=block_length,
+                   threshold=threshold, run_threshold=run_threshold, prefix_look=prefix_look, after_look=after_look,
+                   refresh_every=refresh_every, eos_early_stop=eos_early_stop,
+                   model_cfg=model_cfg).replace(name="dinfer_hierarchical")
 
 
 def dinfer_credit(gen_length, *, block_length=32, threshold=0.9, alpha=0.7, boost=0.2, decay=0.8, slots=None,
@@ -458,22 +452,10 @@ def dinfer_credit(gen_length, *, block_length=32, threshold=0.9, alpha=0.7, boos
                   model_cfg=None):
     """dInfer credit decoding (threshold rule on logits + alpha log(1 + credit)) with the vicinity-refresh cache
     (cache='none'|'prefix'|'dual'|'vicinity')."""
-    from dllm_jax.engine.dinfer import CreditThreshold, VicinityCache
-
-    bl, _ = _blocks(gen_length, block_length, None)
-    if model_cfg is not None and model_cfg.logit_shift:
-        raise PresetError("dinfer_credit is defined for LLaDA-style models (no logit shift); Dream is not supported")
-    if not (0.0 < threshold <= 1.0) or alpha < 0 or boost < 0 or not (0.0 <= decay <= 1.0):
-        raise PresetError(f"dinfer_credit needs threshold in (0, 1], alpha >= 0, boost >= 0, decay in [0, 1]; got "
-                          f"{threshold}, {alpha}, {boost}, {decay}")
-    _looks(prefix_look, after_look, refresh_every)
-    cpol = (VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))
-            if cache == "vicinity" else _cache(cache))
-    acc = CreditThreshold(threshold=float(threshold), alpha=float(alpha), boost=float(boost), decay=float(decay),
-                          slots=int(slots or bl))
-    return Schedule(window=FixedBlocks(bl), accept=acc, cache=cpol,
-                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
-                    eos_early_stop=eos_early_stop, name="dinfer_credit")
+    return compose(gen_length, window="fixed", accept="credit", cache=cache, block_length=block_length,
+                   threshold=threshold, alpha=alpha, boost=boost, decay=decay, slots=slots, prefix_look=prefix_look,
+                   after_look=after_look, refresh_every=refresh_every, eos_early_stop=eos_early_stop,
+                   model_cfg=model_cfg).replace(name="dinfer_credit")
 
 
 def entropy_elastic(gen_length, *, budget=1.0, min_size=4, max_size=64, threshold=0.9, cache="none",
@@ -557,7 +539,7 @@ _COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity"), "adablock": ("no
 def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,
             delimiter_ids=(198,), delimiter_threshold=math.inf, budget=1.0, min_size=4, max_size=64,
             threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, alpha=0.7,
-            boost=0.2, decay=0.8, prefix_window=8,
+            boost=0.2, decay=0.8, slots=None, prefix_window=8,
             prefix_look=16, after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
     """Any window x acceptance x cache by name (LLaDA-style: no logit shift handling beyond the model's):
     window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap|credit,
@@ -604,9 +586,15 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
     elif accept == "credit":
         from dllm_jax.engine.dinfer import CreditThreshold
 
+        if model_cfg is not None and model_cfg.logit_shift:
+            raise PresetError("credit decoding (dinfer_credit) is defined for LLaDA-style models (no logit shift); "
+                              "Dream is not supported")
+        if not (0.0 < threshold <= 1.0) or alpha < 0 or boost < 0 or not (0.0 <= decay <= 1.0):
+            raise PresetError(f"credit decoding needs threshold in (0, 1], alpha >= 0, boost >= 0, decay in [0, 1]; "
+                              f"got {threshold}, {alpha}, {boost}, {decay}")
+        # exact when slots >= the forwards a position spends in the window (<= block_length for fixed blocks)
         acc = CreditThreshold(threshold=float(threshold), alpha=float(alpha), boost=float(boost), decay=float(decay),
-                              # exact when slots >= the forwards a position spends in the window
-                              slots=int(block_length if window == "fixed" else gen_length))
+                              slots=int(slots or (block_length if window == "fixed" else gen_length)))
     else:
         if not (0.0 < relaxed <= threshold <= 1.0):
             raise PresetError(f"compose: localleap needs 0 < relaxed ({relaxed}) <= threshold ({threshold}) <= 1")

@@ -142,3 +142,12 @@ def decode(ids, skip_special_tokens: bool = True, stop_at_eos: bool = True) -> s
 
 def save(path: str) -> None:
     CharTokenizer().save(path)
+
+
+def hf_chat_ids(hf_tokenizer, text: str) -> list[int]:
+    """Token ids of one user turn + the generation prompt with a Hugging Face tokenizer's chat template
+    (`apply_chat_template` returns a list or, in newer versions, a BatchEncoding)."""
+    ids = hf_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                           tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(t) for t in ids]

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import jax
 import jax.numpy as jnp
 
 from dllm_jax.engine.acceptance import Accept
 from dllm_jax.engine.caches import Cache
-from dllm_jax.engine.context import Ctx, first_true, in_range, iota_BxL
+from dllm_jax.engine.context import first_true, in_range, iota_BxL
 from dllm_jax.engine.windows import Window
 
 _NEG = -jnp.inf
@@ -600,8 +601,6 @@ def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: b
     expanded = [r for r in rows for _ in range(N)]
     ctx, x, valid, pos, keys = G.prepare(model, expanded, gen_length, schedule, None, bucket, seed)
     key = (model.cfg, schedule, ctx)
-    import time
-
     t0 = time.perf_counter()
     fn = _JIT.get(key)
     if fn is None:

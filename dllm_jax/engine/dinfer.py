@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dllm_jax.engine.acceptance import Accept
+from dllm_jax.engine.acceptance import Accept, Threshold
 from dllm_jax.engine.caches import Cache
 from dllm_jax.engine.context import dynamic, rank_desc, segment_argmax_mask
 
@@ -72,10 +72,10 @@ class VicinityCache(Cache):
 
 
 @dataclasses.dataclass(frozen=True)
-class CreditThreshold(Accept):
-    """dInfer CreditThresholdParallelDecoder: threshold rule on credit-fused logits (see the module docstring)."""
+class CreditThreshold(Threshold):
+    """dInfer CreditThresholdParallelDecoder: the threshold rule (inherited) on credit-fused logits (see the module
+    docstring)."""
 
-    threshold: float = dynamic(0.9)
     alpha: float = dynamic(0.7)  # credit_alpha
     boost: float = dynamic(0.2)  # boost_gamma
     decay: float = dynamic(0.8)  # decay_beta
@@ -83,8 +83,7 @@ class CreditThreshold(Accept):
     wants_logits = True  # class attribute: the loop calls process_logits before the sampler
 
     def validate(self, ctx, window):
-        if not (0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold must lie in (0, 1], got {self.threshold}")
+        super().validate(ctx, window)
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1, got {self.slots}")
 
@@ -119,7 +118,3 @@ class CreditThreshold(Accept):
         t_idx = jnp.arange(T)[None, :, None]
         fused = logits.at[b_idx, t_idx, jnp.maximum(tok, 0)].add(bonus)
         return fused, {"tok": tok, "val": val, "overflow": overflow}
-
-    def select(self, st, ctx, conf_BxL, cand_BxL, i_B):
-        r = rank_desc(conf_BxL)
-        return cand_BxL & ((r == 0) | (conf_BxL >= self.threshold)), st

@@ -94,7 +94,7 @@ def _aux_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, logits, w0, sli
     return {k: row_update(jnp.zeros((B, ctx.total_len) + v.shape[2:], v.dtype), v, w0) for k, v in aux.items()}
 
 
-def _process_logits(sched: Schedule, cfg: ModelConfig, ctx: Ctx, pst, logits, x_rows, w0, wst):
+def _process_logits(sched: Schedule, ctx: Ctx, pst, logits, x_rows, w0, wst):
     """Stateful logit processing by the acceptance rule (dInfer credit decoding): the rule sees the logits of the
     computed rows and its per-position state for them, returns processed logits and the updated state (spliced back
     into the full [B, L, ...] state). Returns (logits, new state or None)."""
@@ -124,7 +124,7 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
     else:
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
-    logits, pst = _process_logits(sched, cfg, ctx, pst, logits, x, zeros, wst)
+    logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
     x0, conf = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
     if pst is not None:
@@ -140,7 +140,7 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
     w0, write, slice_start = plan
     tokens = row_slice(x, w0, W)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid)
-    logits, pst = _process_logits(sched, cfg, ctx, pst, logits, tokens, w0, wst)
+    logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
     x0w, confw = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
     if pst is not None:
@@ -242,7 +242,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
             x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,
                                            c.get("p"))
         did_full = need_full & active
-        pst = aux.pop("_logit_state", None) if isinstance(aux, dict) else None
+        pst = aux.pop("_logit_state", None)
 
         w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
         c_lo, c_hi = cpol.cand_range(cs, ctx, w, did_full)

@@ -54,3 +54,17 @@ def test_cli_show_steps(fixtures, capsys):
     steps = [ln for ln in out if ln.startswith("step ")]
     assert len(steps) == 4 and all("+2 " in ln for ln in steps)  # 8 tokens in 4 steps: 2 per step
     assert steps[0].count("[") == 2 and steps[-1].count("\u00b7") == 0
+
+
+def test_set_value_lists_and_bad_lists():
+    assert cli._parse_value("[4,8,16]") == [4, 8, 16] and cli._parse_value("(7,)") == [7]
+    with pytest.raises(ValueError, match="cannot parse '\\[4,,8\\]' as a list"):
+        cli._parse_value("[4,,8]")
+
+
+def test_cli_bad_set_list_is_one_clear_error(fixtures, capsys):
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "8",
+            "--schedule", "blockbatch", "--set", "block_sizes=[4,,8]"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cannot parse" in err and "Traceback" not in err

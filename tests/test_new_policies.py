@@ -260,3 +260,22 @@ def test_credit_sparse_slots_equal_dense_and_count_overflow():
             if not expect_overflow:
                 np.testing.assert_allclose(np.asarray(fused), logits + 0.7 * np.log1p(dense), rtol=1e-5, atol=1e-5)
         assert (int(np.asarray(st["overflow"]).sum()) > 0) == expect_overflow
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(threshold=0.0), "threshold in"), (dict(alpha=-0.1), "alpha >= 0"), (dict(boost=-1.0), "boost >= 0"),
+    (dict(decay=1.5), "decay in"), (dict(cache="diagonal"), "cache must be one of"),
+])
+def test_dinfer_credit_bad_arguments(llada_model, kw, msg):
+    with pytest.raises(PresetError, match=msg):
+        make_schedule("dinfer_credit", 16, llada_model.cfg, block_length=8, **kw)
+
+
+def test_dinfer_credit_refuses_shifted_models(dream_model):
+    with pytest.raises(PresetError, match="no logit shift"):
+        make_schedule("dinfer_credit", 16, dream_model.cfg, block_length=8)
+
+
+def test_with_block_causal_rejects_negative(llada_model):
+    with pytest.raises(ValueError, match="block_length must be >= 0"):
+        llada_model.with_block_causal(-1)

@@ -37,8 +37,9 @@ class Model:
     def mask_id(self) -> int:
         return self.cfg.mask_token_id
 
-    def logits(self, input_ids, attention_mask=None, positions=None):
-        """Raw logits [B, T, V] (float32) of a full forward. Dream logits are returned before the shift."""
+    def logits(self, input_ids, attention_mask=None, positions=None, prefix_len=None):
+        """Raw logits [B, T, V] (float32) of a full forward. Dream logits are returned before the shift.
+        prefix_len: the prompt length, for block-causal models whose prompt is one block (`with_block_causal`)."""
         ids = jnp.asarray(input_ids, jnp.int32)
         if ids.ndim == 1:
             ids = ids[None]
@@ -49,7 +50,7 @@ class Model:
         key_valid = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool).reshape(ids.shape)
         if positions is not None:
             positions = jnp.asarray(positions, jnp.int32).reshape(ids.shape)
-        out, _ = transformer.forward(self.params, self.cfg, ids, positions, key_valid)
+        out, _ = transformer.forward(self.params, self.cfg, ids, positions, key_valid, prefix_len=prefix_len)
         return out
 
     def with_attention(self, impl: str, interpret: bool = False) -> "Model":
@@ -65,13 +66,15 @@ class Model:
         return dataclasses.replace(self, cfg=self.cfg.replace(attention_impl=impl, attention_interpret=interpret))
 
 
-    def with_block_causal(self, block_length: int) -> "Model":
+    def with_block_causal(self, block_length: int, whole_prompt: bool = True) -> "Model":
         """The same weights run with block-causal attention over blocks of `block_length` canvas positions (each block
         sees the earlier blocks and itself), as block-diffusion checkpoints (D2F, Fast-dLLM v2, SDAR) are trained;
-        0 = bidirectional again."""
+        0 = bidirectional again. whole_prompt (default, D2F's mask): the prompt is one block, seen whole by every
+        query and seeing only itself; False: the prompt is split into blocks like the generation."""
         if int(block_length) < 0:
             raise ValueError(f"block_length must be >= 0, got {block_length}")
-        return dataclasses.replace(self, cfg=self.cfg.replace(block_causal=int(block_length)))
+        return dataclasses.replace(self, cfg=self.cfg.replace(
+            block_causal=int(block_length), block_causal_prompt=bool(whole_prompt) and int(block_length) > 0))
 
 
 def _cast_tree(params, dtype):

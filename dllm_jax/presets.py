@@ -501,16 +501,24 @@ def osdt(gen_length, *, thresholds=None, calibration=None, block_length=None, ca
 
 
 def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9, attention="bidirectional",
-        eos_early_stop=True, model_cfg=None):
+        cache="none", span_blocks=3, eos_early_stop=False, model_cfg=None):
     """D2F pipeline (training-free, bidirectional): several blocks in flight, added at tau_add, fully activated at
     tau_act, per-block confidence tau_conf. attention="block_causal" for D2F-trained (block-causal) checkpoints loaded
-    with model.with_block_causal(block_length). eos_early_stop (default on) ends a row once an EOS is decoded with no
-    mask before it, as the official pipeline stops adding blocks at EOS and ends when the added ones are done."""
-    from dllm_jax.engine.d2f import D2FAccept, D2FPipeline
+    with model.with_block_causal(block_length). cache="pipeline": D2F's KV cache of the finished prefix (exact under
+    block-causal attention, an approximation under bidirectional attention); a cached forward covers span_blocks
+    blocks from the cache boundary, rows whose pipeline is longer take a full forward. After an EOS no block is added
+    and the row ends when the added blocks are complete (the official end; the positions never added become EOS);
+    eos_early_stop=True ends it sooner, once the first EOS has no mask before it (same text up to the EOS, fewer
+    forwards)."""
+    from dllm_jax.engine.d2f import D2FAccept, D2FPipeline, PipelineCache
 
     bl, _ = _blocks(gen_length, block_length, None)
     if attention not in ("bidirectional", "block_causal"):
         raise PresetError(f"d2f: attention must be 'bidirectional' or 'block_causal', got {attention!r}")
+    if cache not in ("none", "pipeline"):
+        raise PresetError(f"d2f: cache must be 'none' or 'pipeline', got {cache!r}")
+    if isinstance(span_blocks, bool) or not isinstance(span_blocks, int) or span_blocks < 1:
+        raise PresetError(f"d2f: span_blocks must be an integer >= 1, got {span_blocks!r}")
     mode_bc = attention == "block_causal"
     if model_cfg is not None:
         have = int(model_cfg.block_causal)
@@ -520,8 +528,9 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
         if not mode_bc and have:
             raise PresetError(f"this model runs block-causal attention (block_causal={have}): use d2f with "
                               f"attention='block_causal' and block_length={have}")
+    cpol = PipelineCache(span=span_blocks * bl) if cache == "pipeline" else NoCache()
     return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add), block_causal=mode_bc),
-                    accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)),
+                    accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)), cache=cpol,
                     sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
                     eos_early_stop=eos_early_stop, name="d2f")
 

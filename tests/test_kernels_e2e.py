@@ -26,3 +26,24 @@ def test_named_kernel_unavailable_on_cpu_is_a_clear_error(llada_model):
         llada_model.with_attention("pallas_gpu")
     with pytest.raises(ValueError, match="unknown attention implementation"):
         llada_model.with_attention("flash3")
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_d2f_block_causal_pipeline_cache_with_kernel(llada_model, impl):
+    """Block-causal attention with the prompt as one block (clamped query indices) and D2F's cached windows give the
+    reference implementation's tokens and NFE through each kernel."""
+    import importlib
+
+    import numpy as np
+
+    from dllm_jax.presets import make_schedule
+
+    G = importlib.import_module("dllm_jax.generate")
+    prompts = [[31, 8, 250, 64, 2, 19, 88, 140, 7, 7, 53, 120, 36, 9, 211, 45, 3], [5, 6, 7]]
+    bc = llada_model.with_block_causal(8)
+    sched = make_schedule("d2f", 24, bc.cfg, block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.5,
+                          attention="block_causal", cache="pipeline", span_blocks=2)
+    want = G.generate(bc, prompts, gen_length=24, schedule=sched)
+    got = G.generate(bc.with_attention(impl, interpret=True), prompts, gen_length=24, schedule=sched)
+    np.testing.assert_array_equal(got.generated, want.generated)
+    np.testing.assert_array_equal(got.nfe, want.nfe)

@@ -78,8 +78,8 @@ class BlockKVCache(DualCache):
         return {**st, "filled": jnp.zeros((B,), jnp.int32), "clean": jnp.zeros((B,), bool),
                 "left": jnp.full((B,), ctx.gen_length // self.block_length, jnp.int32)}
 
-    def after_forward(self, st, did_full_B, active_B):
-        st2 = super().after_forward(st, did_full_B, active_B)
+    def after_forward(self, st, did_full_B, active_B, wst=None):
+        st2 = super().after_forward(st, did_full_B, active_B, wst)
         return {**st2, "clean": st["clean"] | (active_B & (st["filled"] >= self.block_length))}
 
     def after_commit(self, st, ctx, n_commit_B, did_full_B):

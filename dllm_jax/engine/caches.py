@@ -45,7 +45,8 @@ class Cache:
         """Return (w0_B, write_BxW, slice_start_B) for a cached forward."""
         raise NotImplementedError
 
-    def after_forward(self, st, did_full_B, active_B):
+    def after_forward(self, st, did_full_B, active_B, wst=None):
+        """State update after a forward; `wst` is the window state that forward served."""
         won = active_B & ~did_full_B
         return {**st, "need_refresh": st["need_refresh"] & ~(did_full_B & active_B),
                 "win_fwds": jnp.where(did_full_B & active_B, 0, st["win_fwds"] + won.astype(jnp.int32))}

@@ -17,8 +17,20 @@ Two attention modes (preset argument `attention`):
   run decodes exactly what the official growing-sequence pipeline decodes (tested: a generation's first blocks do not
   depend on how many blocks follow). The prompt must fill whole blocks (its bucketed length a multiple of
   block_length; with the default 32-token buckets any block_length dividing 32 works).
-No KV cache in either mode: every forward is a full forward over the canvas (under block-causal attention finished
-blocks could be cached exactly; that cache is not implemented).
+  With `model.with_block_causal(bl)` the prompt is one block (D2F's mask: the prompt sees only itself, every generated
+  block sees the whole prompt).
+
+KV cache (`PipelineCache`, preset argument cache="pipeline"): the official pipeline keeps the K/V of the finished
+prefix — the blocks that were complete, with every block before them, in the input of an earlier forward — and each
+forward runs only from that boundary c to the end of the added blocks, appending the newly finished blocks' K/V. Here
+a cached forward computes a static window of W = span + 1 queries from c - 1 (the extra row gives Dream's shifted
+logits for position c), writes the K/V of rows >= c, and attends over the cached K/V before c; the boundary then
+moves to the window start s that forward served. Rows whose [c, e) does not fit in the window take a full forward
+instead (same result, more compute), so `span` trades compute per forward against how often that happens.
+Under block-causal attention the cache is exact: a finished block's K/V depend only on the prompt and finished
+blocks, and the masked blocks past e are invisible to every added block, so cached and uncached runs decode the same
+tokens. Under bidirectional attention it is an approximation (finished blocks keep the K/V they had when they
+finished, like Fast-dLLM's prefix cache).
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from dllm_jax.engine.acceptance import Accept
+from dllm_jax.engine.caches import Cache
 from dllm_jax.engine.context import dynamic, first_true, iota_BxL, segment_argmax_mask
 from dllm_jax.engine.windows import Window
 
@@ -80,8 +93,21 @@ class D2FPipeline(Window):
         eos_seen = jnp.any(gen & (x == ctx.eos_id), axis=1) if self.stop_at_eos else jnp.zeros_like(last_ratio, bool)
         add = (last_ratio >= self.tau_add) & ~eos_seen
         e = jnp.minimum(st["e"] + jnp.where(add, bl, 0), L)
-        e = jnp.maximum(e, jnp.minimum(s + bl, L))  # never an empty window while masks remain
+        # never an empty window while masks remain, except after an EOS: then only the added blocks are finished
+        e = jnp.where(eos_seen, e, jnp.maximum(e, jnp.minimum(s + bl, L)))
         return {"s": s.astype(jnp.int32), "e": e.astype(jnp.int32)}
+
+    def coordinate(self, st, ctx, x, aux, did_full_B, n_commit_B, kv):
+        """The official pipeline ends once an EOS was decoded and the blocks added so far are complete: the positions
+        never added are filled with EOS here (so the row holds no mask and finishes at this forward)."""
+        if not self.stop_at_eos:
+            return st, x, None
+        pos = iota_BxL(ctx)
+        gen = pos >= ctx.prompt_len
+        is_mask = gen & (x == ctx.mask_id)
+        eos_seen = jnp.any(gen & (x == ctx.eos_id), axis=1)
+        added_done = ~jnp.any(is_mask & (pos < st["e"][:, None]), axis=1)
+        return st, jnp.where((eos_seen & added_done)[:, None] & is_mask, ctx.eos_id, x), None
 
     def after_commit(self, st, ctx, x, n_commit_B):
         return self._update(st, ctx, x)
@@ -125,3 +151,39 @@ class D2FAccept(Accept):
         best = segment_argmax_mask(jnp.where(cand_BxL, conf_BxL, -jnp.inf), blk_c, nb + 1) & cand_BxL
         need_pos = jnp.take_along_axis(need, jnp.clip(blk, 0, nb - 1), axis=1) & (blk >= 0)
         return commit | (best & need_pos), st
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineCache(Cache):
+    """D2F KV cache of the finished prefix (see the module docstring). `span`: static number of canvas positions a
+    cached forward covers from the cache boundary (a multiple of the block length is natural)."""
+
+    has_cache: bool = True
+    span: int = 96
+
+    def init(self, ctx):
+        return {**super().init(ctx), "c0": jnp.full((ctx.batch,), ctx.prompt_len, jnp.int32)}
+
+    def width(self, ctx, window):
+        return int(min(ctx.total_len, self.span + 1))
+
+    def _w0(self, st, ctx, W):
+        return jnp.clip(st["c0"] - 1, 0, ctx.total_len - W).astype(jnp.int32)
+
+    def needs_full(self, st, ctx, wst):
+        W = self.width(ctx, None)
+        return st["need_refresh"] | (wst["e"] > self._w0(st, ctx, W) + W)
+
+    def plan_window(self, st, ctx, wst, W):
+        w0 = self._w0(st, ctx, W)
+        pos = w0[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+        return w0, pos >= st["c0"][:, None], w0
+
+    def after_forward(self, st, did_full_B, active_B, wst=None):
+        st2 = super().after_forward(st, did_full_B, active_B, wst)
+        # rows before the served window's start were finished (with all earlier rows) in this forward's input, and
+        # this forward computed them (a full forward, or a window from c0 - 1): their K/V are final
+        return {**st2, "c0": jnp.where(active_B, jnp.maximum(st["c0"], wst["s"]), st["c0"]).astype(jnp.int32)}
+
+    def new_block(self, st, block_done_B):
+        return st  # the boundary moves with the pipeline; no refresh forwards

@@ -117,12 +117,12 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
         un = jnp.where(is_prompt, ctx.mask_id, x)
         both, kv = transformer.forward(params, cfg, jnp.concatenate([x, un]), jnp.concatenate([positions] * 2),
-                                       jnp.concatenate([key_valid] * 2))
+                                       jnp.concatenate([key_valid] * 2), prefix_len=ctx.prompt_len)
         cond, unc = both[: ctx.batch], both[ctx.batch:]
         logits = unc + (sched.cfg_scale + 1.0) * (cond - unc)
         kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
     else:
-        logits, kv = transformer.forward(params, cfg, x, positions, key_valid)
+        logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
     logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
     x0, conf = token_stats(sched.sampler, logits, keys, step)
@@ -139,7 +139,8 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
                   wst=None, pst=None):
     w0, write, slice_start = plan
     tokens = row_slice(x, w0, W)
-    logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid)
+    logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid,
+                                               prefix_len=ctx.prompt_len)
     logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
     x0w, confw = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
@@ -260,7 +261,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
 
         nfe = c["nfe"] + active.astype(jnp.int32)
         i = i + active.astype(jnp.int32)
-        cs = cpol.after_forward(cs, did_full, active)
+        cs = cpol.after_forward(cs, did_full, active, w)
         cs = cpol.after_commit(cs, ctx, n_commit, did_full)
         w = win.after_commit(w, ctx, x, n_commit)
         # cross-row coordination (BlockBatch: rows are branches of one request): may rewrite the canvas and name,

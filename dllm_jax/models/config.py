@@ -33,6 +33,10 @@ class ModelConfig:
     logit_shift: bool = False
     # Block-causal attention (q_block >= k_block) for block-diffusion checkpoints; 0 = bidirectional.
     block_causal: int = 0
+    # With block_causal: the prompt (the first `prefix_len` canvas positions handed to the forward) is ONE block, seen
+    # whole by every query and seeing only itself, as D2F trains and decodes (its `create_full_block_attention_mask`);
+    # False splits the prompt into blocks of `block_causal` like the rest of the canvas.
+    block_causal_prompt: bool = False
     # Attention implementation name, resolved by pallas_kernels.block_attention.api.
     attention_impl: str = "reference"
     attention_interpret: bool = False  # run a Pallas kernel in the interpreter (CPU testing)

@@ -94,15 +94,29 @@ def _embed(params, tokens):
     return jnp.take(e, tokens, axis=0)
 
 
+def _query_blocks(cfg: ModelConfig, q_index_BxT, prefix_len):
+    """Query indices as the block-causal rule sees them. With `cfg.block_causal_prompt` the prompt [0, prefix_len) is
+    one block: its queries are placed at prefix_len - 1, so they see the whole prompt (and no later block), while the
+    generated queries keep their own blocks (the kernels need no extra argument). Needs prefix_len to be a multiple of
+    block_causal for the generated blocks to start at the prompt's end."""
+    if not (cfg.block_causal and cfg.block_causal_prompt) or prefix_len is None:
+        return q_index_BxT
+    return jnp.maximum(q_index_BxT, jnp.asarray(prefix_len, jnp.int32) - 1)
+
+
 @partial(jax.jit, static_argnames=("cfg", "interpret"))
-def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False):
-    """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree)."""
+def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
+            prefix_len=None):
+    """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree).
+
+    prefix_len: the prompt length, used only by block-causal models whose prompt is one block
+    (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks."""
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if key_valid_BxT is None:
         key_valid_BxT = jnp.ones((B, T), bool)
-    q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    q_index = _query_blocks(cfg, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), prefix_len)
     x = _embed(params, tokens_BxT)
 
     def layer(x, lp):
@@ -127,17 +141,17 @@ def _row_update(a_BxS, upd_BxW, start_B):
 
 @partial(jax.jit, static_argnames=("cfg", "interpret"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False):
+                   interpret=False, prefix_len=None):
     """Cached forward of a window of W queries at per-row offsets `start_B` into the S-long KV buffer.
 
     For each layer the window's freshly computed K/V overwrite the cache where `write_BxW` is true (dual-cache
     `replace_position`; prefix-cache = write the whole suffix); the queries then attend over the full updated
-    buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S.
+    buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S. prefix_len: as in `forward`.
     Returns (logits [B,W,V] float32, updated cache).
     """
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
-    q_index = start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
+    q_index = _query_blocks(cfg, start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None], prefix_len)
     x = _embed(params, tokens_BxW)
 
     def layer(x, lp_kv):

@@ -18,6 +18,27 @@ def fixtures():
 
 
 @pytest.fixture(scope="session")
+def kernel_interpret():
+    """`kernel_interpret(impl)` -> the `interpret=` value for a Pallas kernel test: True (the Pallas interpreter, any
+    backend) unless DLLM_KERNEL_HW=1, which compiles the kernels for the attached accelerator instead (run with
+    JAX_PLATFORMS=cuda or tpu; benchmarks/accelerator_session.sh). In that mode the kernel for other hardware is
+    skipped, with the reason."""
+    hw = os.environ.get("DLLM_KERNEL_HW") == "1"
+
+    def choose(impl):
+        if not hw:
+            return True
+        import jax
+
+        need = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}[impl]
+        if jax.default_backend() != need:
+            pytest.skip(f"DLLM_KERNEL_HW=1: {impl} needs a {need.upper()}; this backend is {jax.default_backend()}")
+        return False
+
+    return choose
+
+
+@pytest.fixture(scope="session")
 def llada_model():
     import dllm_jax
 

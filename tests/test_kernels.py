@@ -84,10 +84,11 @@ CASES = [
 
 @pytest.mark.parametrize("impl", KERNELS)
 @pytest.mark.parametrize("B,T,S,H,K,D,block_size,offset,dtype,masks", CASES)
-def test_kernel_matches_reference(impl, B, T, S, H, K, D, block_size, offset, dtype, masks):
+def test_kernel_matches_reference(kernel_interpret, impl, B, T, S, H, K, D, block_size, offset, dtype, masks):
+    interp = kernel_interpret(impl)
     q, k, v, kv, qi = make_case(B, T, S, H, K, D, offset, dtype, **masks)
     want = ref_attention(q, k, v, kv, qi, block_size=block_size)
-    fn = jax.jit(lambda *a: api.block_attention(*a, block_size=block_size, implementation=impl, interpret=True))
+    fn = jax.jit(lambda *a: api.block_attention(*a, block_size=block_size, implementation=impl, interpret=interp))
     out = fn(q, k, v, kv, qi)
     check(out, want, dtype)
     for b in masks.get("dead_rows", ()):
@@ -95,16 +96,17 @@ def test_kernel_matches_reference(impl, B, T, S, H, K, D, block_size, offset, dt
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_small_tiles_many_query_and_key_tiles(impl):
+def test_small_tiles_many_query_and_key_tiles(kernel_interpret, impl):
     """Small tiles: several query tiles with different block-causal horizons, several key tiles, a valid key range
     in the middle of the buffer (the [lo, hi) tile skipping on both sides), custom scale."""
     B, T, S, H, K, D = 2, 40, 700, 4, 1, 64
     q, k, v, kv, qi = make_case(B, T, S, H, K, D, 300, jnp.float32, left_pad=(150, 290), valid_end=(600, 700))
     want = ref_attention(q, k, v, kv, qi, block_size=16, scale=0.05)
+    interp = kernel_interpret(impl)
     if impl == "pallas_tpu":
-        fn = pallas_tpu.make(interpret=True, block_q=16, block_k=128)
+        fn = pallas_tpu.make(interpret=interp, block_q=16, block_k=128)
     else:
-        fn = pallas_gpu.make(interpret=True, block_q=16, block_k=32)
+        fn = pallas_gpu.make(interpret=interp, block_q=16, block_k=32)
     out = jax.jit(lambda *a: fn(*a, block_size=16, scale=0.05))(q, k, v, kv, qi)
     check(out, want, jnp.float32)
 
@@ -118,15 +120,16 @@ def test_tpu_kernel_in_tpu_faithful_interpreter():
     check(out, ref_attention(q, k, v, kv, qi, block_size=32), jnp.float32)
 
 
-def test_zero_rows_and_no_nan():
+@pytest.mark.parametrize("impl", KERNELS)
+def test_zero_rows_and_no_nan(kernel_interpret, impl):
     """A row with every key masked, and queries whose block-causal horizon ends before the first valid key,
     give exact zeros in every kernel."""
     q, k, v, kv, qi = make_case(2, 16, 128, 2, 2, 64, 0, jnp.float32, left_pad=(40,), dead_rows=(1,))
-    for impl in KERNELS:
-        out = np.asarray(api.block_attention(q, k, v, kv, qi, block_size=8, implementation=impl, interpret=True))
-        assert np.all(np.isfinite(out))
-        assert np.all(out[1] == 0.0)          # dead row
-        assert np.all(out[0, :16] == 0.0)     # queries 0..15 -> blocks 0, 1 end at key 16 < 40
+    out = np.asarray(api.block_attention(q, k, v, kv, qi, block_size=8, implementation=impl,
+                                         interpret=kernel_interpret(impl)))
+    assert np.all(np.isfinite(out))
+    assert np.all(out[1] == 0.0)          # dead row
+    assert np.all(out[0, :16] == 0.0)     # queries 0..15 -> blocks 0, 1 end at key 16 < 40
 
 
 def test_tile_choice():
@@ -235,7 +238,7 @@ def test_api_auto_falls_back_when_probe_fails(fresh_api, monkeypatch):
 # --- model integration and benchmark smoke run ---
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_model_forward_with_kernel(llada_model, impl):
+def test_model_forward_with_kernel(kernel_interpret, llada_model, impl):
     """The tiny LLaDA forward (left-padded batch) gives the same logits through either kernel."""
     from dllm_jax.models import transformer
 
@@ -244,7 +247,7 @@ def test_model_forward_with_kernel(llada_model, impl):
     valid = jnp.arange(24)[None, :] >= jnp.array([[0], [5]])
     want, _ = transformer.forward(llada_model.params, cfg, ids, None, valid)
     got, _ = transformer.forward(llada_model.params, cfg.replace(attention_impl=impl), ids, None, valid,
-                                 interpret=True)
+                                 interpret=kernel_interpret(impl))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
 
 

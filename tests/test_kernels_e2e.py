@@ -12,14 +12,19 @@ from dllm_jax.conformance import run_cases
     ("llada", "fastdllm_llada.json", "fastdllm_generate_with_dual_cache_g32_bl8_s32_th0.9"),
     ("dream", "fastdllm_dream.json", "fastdllm_dream_prefixcache_confidence_threshold_g32_bl8_s32_th0.5"),
 ])
-def test_generate_with_kernel_matches_golden(fixtures, llada_model, dream_model, impl, fam, fname, case_id):
-    model = {"llada": llada_model, "dream": dream_model}[fam].with_attention(impl, interpret=True)
+def test_generate_with_kernel_matches_golden(kernel_interpret, fixtures, llada_model, dream_model, impl, fam, fname,
+                                            case_id):
+    model = {"llada": llada_model, "dream": dream_model}[fam].with_attention(impl, interpret=kernel_interpret(impl))
     case = next(c for c in json.loads((fixtures / fname).read_text())["cases"] if c["id"] == case_id)
     res = run_cases(model, [case])[0]
     assert res["output"] == case["output"] and res["nfe"] == case["nfe_counted"]
 
 
 def test_named_kernel_unavailable_on_cpu_is_a_clear_error(llada_model):
+    import jax
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the error on a CPU-only machine")
     from pallas_kernels.block_attention.api import KernelUnavailableError
 
     with pytest.raises(KernelUnavailableError, match="needs a"):
@@ -29,7 +34,7 @@ def test_named_kernel_unavailable_on_cpu_is_a_clear_error(llada_model):
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
-def test_d2f_block_causal_pipeline_cache_with_kernel(llada_model, impl):
+def test_d2f_block_causal_pipeline_cache_with_kernel(kernel_interpret, llada_model, impl):
     """Block-causal attention with the prompt as one block (clamped query indices) and D2F's cached windows give the
     reference implementation's tokens and NFE through each kernel."""
     import importlib
@@ -44,6 +49,6 @@ def test_d2f_block_causal_pipeline_cache_with_kernel(llada_model, impl):
     sched = make_schedule("d2f", 24, bc.cfg, block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.5,
                           attention="block_causal", cache="pipeline", span_blocks=2)
     want = G.generate(bc, prompts, gen_length=24, schedule=sched)
-    got = G.generate(bc.with_attention(impl, interpret=True), prompts, gen_length=24, schedule=sched)
+    got = G.generate(bc.with_attention(impl, interpret=kernel_interpret(impl)), prompts, gen_length=24, schedule=sched)
     np.testing.assert_array_equal(got.generated, want.generated)
     np.testing.assert_array_equal(got.nfe, want.nfe)

@@ -528,7 +528,7 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
         if not mode_bc and have:
             raise PresetError(f"this model runs block-causal attention (block_causal={have}): use d2f with "
                               f"attention='block_causal' and block_length={have}")
-    cpol = PipelineCache(span=span_blocks * bl) if cache == "pipeline" else NoCache()
+    cpol = PipelineCache(span=span_blocks * bl, align=bl) if cache == "pipeline" else NoCache()
     return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add), block_causal=mode_bc),
                     accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)), cache=cpol,
                     sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
@@ -537,22 +537,26 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
 
 _COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic")
 _COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap", "credit")
-_COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity")
+_COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity", "pipeline")
 # which caches a window works with: block caches refresh when a block starts (fixed / delimiter blocks); the DSB
 # cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences and
-# never closes a block (no refresh point for a block cache)
-_COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity"), "adablock": ("none", "prefix", "dual", "vicinity"),
-               "sliding": ("none", "dsb"), "elastic": ("none",)}
+# never closes a block (no refresh point for a block cache) and reads confidences past any cached window; D2F's
+# finished-prefix cache ("pipeline") needs only a window start that never moves back
+_COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity", "pipeline"),
+               "adablock": ("none", "prefix", "dual", "vicinity", "pipeline"),
+               "sliding": ("none", "dsb", "pipeline"), "elastic": ("none",)}
 
 
 def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,
             delimiter_ids=(198,), delimiter_threshold=math.inf, budget=1.0, min_size=4, max_size=64,
             threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, alpha=0.7,
             boost=0.2, decay=0.8, slots=None, prefix_window=8,
-            prefix_look=16, after_look=16, refresh_every=0, eos_early_stop=False, model_cfg=None):
+            prefix_look=16, after_look=16, refresh_every=0, span_blocks=3, eos_early_stop=False, model_cfg=None):
     """Any window x acceptance x cache by name (LLaDA-style: no logit shift handling beyond the model's):
     window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap|credit,
-    cache none|prefix|dual|dsb|vicinity. E.g. window=sliding, accept=hierarchical, cache=dsb."""
+    cache none|prefix|dual|dsb|vicinity|pipeline. E.g. window=sliding, accept=hierarchical, cache=dsb.
+    cache=pipeline is D2F's finished-prefix cache (span_blocks x block_length positions per cached forward); it is
+    exact on a block-causal model (`with_block_causal`), an approximation on a bidirectional one."""
     from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
     from dllm_jax.engine.dsb import DSBCache
     from dllm_jax.engine.localleap import LocalLeap
@@ -612,6 +616,15 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
         if prefix_window is None or prefix_window < 0:
             raise PresetError(f"prefix_window must be >= 0, got {prefix_window}")
         cpol = DSBCache(prefix_window=int(prefix_window), suffix_window=0, refresh_tokens=int(block_length))
+    elif cache == "pipeline":
+        from dllm_jax.engine.d2f import PipelineCache
+
+        if isinstance(span_blocks, bool) or not isinstance(span_blocks, int) or span_blocks < 1:
+            raise PresetError(f"compose: span_blocks must be an integer >= 1, got {span_blocks!r}")
+        if not block_length or block_length <= 0:
+            raise PresetError(f"compose: cache='pipeline' needs block_length > 0, got {block_length}")
+        align = int(model_cfg.block_causal) if model_cfg is not None else 0
+        cpol = PipelineCache(span=int(span_blocks) * int(block_length), align=align)
     elif cache == "vicinity":
         _looks(prefix_look, after_look, refresh_every)
         cpol = VicinityCache(prefix_look=int(prefix_look), after_look=int(after_look), refresh_every=int(refresh_every))

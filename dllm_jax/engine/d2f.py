@@ -156,10 +156,16 @@ class D2FAccept(Accept):
 @dataclasses.dataclass(frozen=True)
 class PipelineCache(Cache):
     """D2F KV cache of the finished prefix (see the module docstring). `span`: static number of canvas positions a
-    cached forward covers from the cache boundary (a multiple of the block length is natural)."""
+    cached forward covers from the cache boundary (a multiple of the block length is natural). Composes with any
+    window whose start `s` only moves forward (fixed, delimiter and sliding blocks: `compose(cache="pipeline")`);
+    exact under block-causal attention when `align` is the model's attention block size."""
 
     has_cache: bool = True
     span: int = 96
+    # attention block size of a block-causal model: the boundary is rounded down to a multiple of it, so a cached row
+    # never shares an attention block with a row that may still change (0: no rounding; D2F windows start on block
+    # boundaries anyway)
+    align: int = 0
 
     def init(self, ctx):
         return {**super().init(ctx), "c0": jnp.full((ctx.batch,), ctx.prompt_len, jnp.int32)}
@@ -183,7 +189,8 @@ class PipelineCache(Cache):
         st2 = super().after_forward(st, did_full_B, active_B, wst)
         # rows before the served window's start were finished (with all earlier rows) in this forward's input, and
         # this forward computed them (a full forward, or a window from c0 - 1): their K/V are final
-        return {**st2, "c0": jnp.where(active_B, jnp.maximum(st["c0"], wst["s"]), st["c0"]).astype(jnp.int32)}
+        s = wst["s"] if not self.align else (wst["s"] // self.align) * self.align
+        return {**st2, "c0": jnp.where(active_B, jnp.maximum(st["c0"], s), st["c0"]).astype(jnp.int32)}
 
     def new_block(self, st, block_done_B):
         return st  # the boundary moves with the pipeline; no refresh forwards

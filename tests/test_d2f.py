@@ -74,7 +74,9 @@ def official_d2f(model, prompt, gen_length, block, tau_add, tau_act, tau_conf):
             n_blocks += 1
         if mask_id not in x:
             break
-        probs = jax.nn.softmax(dense_forward(model, x, d2f_mask(p, len(x), block)), axis=-1)
+        probs = np.asarray(jax.nn.softmax(dense_forward(model, x, d2f_mask(p, len(x), block)), axis=-1))
+        if model.cfg.logit_shift:  # Dream: position i is predicted by row i - 1
+            probs = np.concatenate([probs[:1], probs[:-1]])
         nfe += 1
         conf, pred = np.asarray(probs.max(-1)), np.asarray(probs.argmax(-1))
         new = list(x)
@@ -95,14 +97,22 @@ def official_d2f(model, prompt, gen_length, block, tau_add, tau_act, tau_conf):
     return np.asarray(gen), nfe
 
 
-@pytest.fixture(scope="module")
-def eos_model(llada_model):
-    """The tiny LLaDA with its EOS id moved to a token it often predicts, so that runs decode EOS early."""
-    out = G.generate(llada_model, PROMPTS, gen_length=32,
-                     schedule=make_schedule("fastdllm", 32, llada_model.cfg, block_length=32, threshold=0.9))
+def _with_common_eos(model, preset):
+    """The model with its EOS id moved to a token it often predicts, so that runs decode EOS early."""
+    out = G.generate(model, PROMPTS, gen_length=32, schedule=make_schedule(preset, 32, model.cfg))
     vals, counts = np.unique(out.generated, return_counts=True)
     common = int(vals[np.argmax(counts)])
-    return dataclasses.replace(llada_model, cfg=llada_model.cfg.replace(eos_token_id=common))
+    return dataclasses.replace(model, cfg=model.cfg.replace(eos_token_id=common))
+
+
+@pytest.fixture(scope="module")
+def eos_model(llada_model):
+    return _with_common_eos(llada_model, "fastdllm")
+
+
+@pytest.fixture(scope="module")
+def eos_dream(dream_model):
+    return _with_common_eos(dream_model, "fastdllm_dream_threshold")
 
 
 def test_whole_prompt_block_causal_forward_matches_d2f_mask(llada_model):
@@ -161,6 +171,19 @@ def test_d2f_block_causal_matches_official_pipeline(eos_model, kw):
         elif span == 3:
             windowed = sum(int(out.nfe[r]) - n_full[r] for r in range(len(PROMPTS)))
     assert windowed > 0, "the cached runs must actually use cached window forwards"
+
+
+def test_d2f_dream_block_causal_matches_official_pipeline(eos_dream):
+    """Dream (shifted logits: position i from row i - 1; a cached window starts one row before the boundary for it)."""
+    kw = dict(block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.5)
+    bc = eos_dream.with_block_causal(8)
+    want = [official_d2f(eos_dream, p, 48, 8, kw["tau_add"], kw["tau_act"], kw["tau_conf"]) for p in PROMPTS]
+    for cache in ("none", "pipeline"):
+        sched = make_schedule("d2f", 48, bc.cfg, attention="block_causal", cache=cache, span_blocks=3, **kw)
+        out = G.generate(bc, PROMPTS, gen_length=48, schedule=sched)
+        for r, (gen, nfe) in enumerate(want):
+            np.testing.assert_array_equal(out.generated[r], gen, err_msg=f"cache={cache} row {r}")
+            assert out.nfe[r] == nfe
 
 
 def test_d2f_pipeline_cache_bidirectional_and_batch_invariance(llada_model):

@@ -62,6 +62,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="store int8 weights (per-output-channel symmetric, float32 scales), quantized tensor by tensor "
                         "while streaming: int8 = the linear layer weights, int8-all = also the embedding and LM head; "
                         "--dtype then applies to the remaining leaves. dllm_jax.load restores them as int8")
+    p.add_argument("--lora", metavar="ADAPTER", default=None,
+                   help="PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) merged into the "
+                        "weights while they are read, e.g. a D2F adapter")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (only once conversion succeeded)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -164,10 +167,10 @@ def save_params_bounded(dst: str, params: dict) -> None:
 
 
 def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
-            log=None, quantize: str | None = None) -> dict:
+            log=None, quantize: str | None = None, lora: str | None = None) -> dict:
     """Convert SRC (HF) into DST (dllm-jax format). Returns a summary dict. Raises ConvertError, ConfigError or
     CheckpointError for bad inputs; never leaves a partial DST or temp directory behind. quantize: None, "int8"
-    or "int8-all" (see dllm_jax.quant)."""
+    or "int8-all" (see dllm_jax.quant). lora: a PEFT LoRA adapter directory merged while reading (dllm_jax.lora)."""
     from dllm_jax import quant
     from dllm_jax.hf_weights import load_hf_params, plan_checkpoint
     from dllm_jax.models.config import config_from_hf, read_hf_config
@@ -192,6 +195,12 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
     hf = read_hf_config(src_abs)
     cfg = config_from_hf(hf, where=os.path.join(src_abs, "config.json"))
     plan = plan_checkpoint(src_abs, cfg)  # all headers validated: bad checkpoints fail before anything is written
+    adapter = None
+    if lora is not None:
+        from dllm_jax.lora import check_against, read_adapter
+
+        adapter = read_adapter(lora)
+        check_against(adapter, plan)
     dtype_name = DTYPES[dtype]
     if dtype_name == "auto":
         dtype_name = "bfloat16" if plan.source_dtypes == {"BF16"} else "float32"
@@ -218,7 +227,8 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
                 bar.set_description(f"shard {shard_no[fname]}/{len(plan.shards)}", refresh=False)
                 bar.update(1)
 
-            params = load_hf_params(src_abs, cfg, dtype=np_dtype, on_tensor=on_tensor, plan=plan, quantize=qcfg)
+            params = load_hf_params(src_abs, cfg, dtype=np_dtype, on_tensor=on_tensor, plan=plan, quantize=qcfg,
+                                    lora=adapter)
         n_params = sum(int(np.prod(a.shape)) for a in _leaves(params, weights_only=True))
         n_bytes = sum(a.size * a.dtype.itemsize for a in _leaves(params))
         _to_jax_arrays(params)
@@ -229,7 +239,9 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
         del params
         write_config(tmp, cfg, dtype_name, converter="convert.hf_to_flax",
                      source={"path": src_abs, "model_type": hf.get("model_type"),
-                             "dtypes": sorted(plan.source_dtypes), "shards": len(plan.shards)},
+                             "dtypes": sorted(plan.source_dtypes), "shards": len(plan.shards),
+                             **({"lora": {"path": os.path.abspath(lora), "r": adapter.rank, "scale": adapter.scale,
+                                          "merged_weights": len(adapter.pairs)}} if adapter else {})},
                      hf_config=hf, **({"quantization": qcfg.to_meta()} if qcfg else {}))
         copied = copy_tokenizer_files(src_abs, tmp)
         umask = os.umask(0)
@@ -313,7 +325,7 @@ def main(argv=None, prog: str | None = None) -> int:
 
     try:
         info = convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress,
-                       quantize=args.quantize)
+                       quantize=args.quantize, lora=args.lora)
     except (ConvertError, ConfigError, CheckpointError) as e:
         print(f"{err} {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ def schedule_from_args(a, model_cfg):
         kw[k.strip()] = _parse_value(v.strip())
     if a.eos_early_stop:
         kw["eos_early_stop"] = True
+    if a.schedule == "d2f" and model_cfg.block_causal:
+        kw.setdefault("attention", "block_causal")
+        kw.setdefault("block_length", model_cfg.block_causal)
     try:
         return make_schedule(a.schedule, a.gen_length, model_cfg, **kw)
     except TypeError as e:
@@ -93,7 +96,9 @@ def cmd_generate(a) -> int:
         raise FileNotFoundError(f"model {path!r} not found (the embedded default model lives in "
                                 f"dllm_jax/assets/default_model; pass --model DIR for another checkpoint)")
     mesh = parse_mesh(a.mesh)
-    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh, attention=a.attention, quantize=a.quantize)
+    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh, attention=a.attention, quantize=a.quantize, lora=a.lora)
+    if a.block_causal:
+        model = model.with_block_causal(a.block_causal)
     tok = None
     if a.ids is None:
         if model.tokenizer_path is None:
@@ -201,6 +206,11 @@ def main(argv=None) -> int:
     g.add_argument("--quantize", choices=["int8", "int8-all"], default=None,
                    help="int8 weight-only quantization at load (int8-all: also embedding + LM head; "
                         "docs/quantization.md)")
+    g.add_argument("--lora", metavar="ADAPTER", help="PEFT LoRA adapter merged into an HF checkpoint at load "
+                                                     "(e.g. a D2F adapter on LLaDA-Instruct)")
+    g.add_argument("--block-causal", type=int, default=0, metavar="N",
+                   help="run block-causal attention over blocks of N with the prompt as one block (D2F-trained "
+                        "models); with --schedule d2f it implies --set attention=block_causal")
     g.add_argument("--mesh", help="device mesh, e.g. data=2,model=4")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")

@@ -307,6 +307,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
+    ap.add_argument("--lora", metavar="ADAPTER", help="PEFT LoRA adapter merged into an HF checkpoint at load")
+    ap.add_argument("--block-causal", type=int, default=0, metavar="N",
+                    help="block-causal attention over blocks of N, the prompt one block (D2F-trained models)")
     ap.add_argument("--schedule", default="vanilla", help="preset name (see `dllm-jax presets`)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="a preset argument (repeatable)")
     ap.add_argument("--threshold", type=float, help="shortcut for --set threshold=X")
@@ -345,7 +348,9 @@ def main(argv=None) -> int:
         print("error: --limit and --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        model = dllm_jax.load(path)
+        model = dllm_jax.load(path, lora=a.lora)
+        if a.block_causal:
+            model = model.with_block_causal(a.block_causal)
         codec = TextCodec(model.tokenizer_path, model.cfg.eos_token_id, chat=a.chat)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -361,6 +366,9 @@ def main(argv=None) -> int:
                 print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
                 return 2
             kw[k.strip()] = _parse_value(v.strip())
+        if a.schedule == "d2f" and model.cfg.block_causal:
+            kw.setdefault("attention", "block_causal")
+            kw.setdefault("block_length", model.cfg.block_causal)
         runs = [(a.schedule, a.schedule, kw)]
     machine = f"{platform.machine()} {os.cpu_count()} cores ({jax.devices()[0].platform}: {jax.devices()[0].device_kind})"
     results = []

@@ -249,19 +249,24 @@ def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
 def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
                    on_shard: Callable[[str], None] | None = None,
                    on_tensor: Callable[[str, str], None] | None = None,
-                   plan: CheckpointPlan | None = None, quantize=None) -> dict:
+                   plan: CheckpointPlan | None = None, quantize=None, lora=None) -> dict:
     """Map every tensor of an HF checkpoint into a params pytree of numpy arrays (dtype `dtype`).
 
     The output buffers are allocated up front in `dtype`; each tensor is read, transposed and cast directly into
     its slot, then dropped. `on_tensor(file, name)` runs after each tensor, `on_shard(file)` after each file.
     quantize ("int8", "int8-all" or a dllm_jax.quant.QuantConfig): the quantized leaves are preallocated as
     `QArray(int8, float32 scales)` and each tensor is quantized from its source precision straight into its slot
-    (dllm_jax.quant.quantize_np), so no float copy of those weights is ever held."""
+    (dllm_jax.quant.quantize_np), so no float copy of those weights is ever held. lora: a `dllm_jax.lora.Adapter`
+    merged into its weights as they are read (W + scale * B @ A in float32, checked against the plan first)."""
     from dllm_jax import quant
 
     qcfg = quant.resolve(quantize)
     if plan is None:
         plan = plan_checkpoint(path, cfg)
+    if lora is not None:
+        from dllm_jax.lora import check_against
+
+        check_against(lora, plan)
     shapes = expected_shapes(cfg)
     qtop = qcfg.top_leaves() if qcfg is not None else ()
     qlayer = quant.LINEAR if qcfg is not None else ()
@@ -281,6 +286,8 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
     for fname, header in plan.shards:
         for name, arr in _iter_shard(fname, header):
             key, li, tr = plan.dest[name]
+            if lora is not None and name in lora.pairs:
+                arr = arr.astype(np.float32) + lora.delta(name)
             slot = out[key] if li is None else out["layers"][key]
             if isinstance(slot, quant.QArray):
                 q, sc = (slot.q, slot.scale) if li is None else (slot.q[li], slot.scale[li])

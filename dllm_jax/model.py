@@ -83,12 +83,13 @@ def _cast_tree(params, dtype):
     return cast_params(params, dtype)  # jnp.asarray(leaf, dtype); int8 QArray leaves keep their int8/f32 arrays
 
 
-def load(path: str, dtype="float32", mesh=None, attention: str = "reference", quantize=None) -> Model:
+def load(path: str, dtype="float32", mesh=None, attention: str = "reference", quantize=None, lora=None) -> Model:
     """Load a model from an HF checkpoint dir (config.json + *.safetensors) or a converted dllm-jax dir.
 
     quantize: None, "int8" (linear layer weights int8) or "int8-all" (also embedding + LM head); see
     dllm_jax.quant. `dtype` stays the compute dtype and that of the unquantized leaves. A converted checkpoint
-    written with `--quantize` restores as int8 whatever `quantize` says."""
+    written with `--quantize` restores as int8 whatever `quantize` says. lora: a PEFT LoRA adapter directory merged
+    into the HF checkpoint's weights while they are read (dllm_jax.lora; e.g. a D2F adapter on LLaDA-Instruct)."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     path = os.fspath(path)
@@ -96,6 +97,14 @@ def load(path: str, dtype="float32", mesh=None, attention: str = "reference", qu
     from dllm_jax import quant
 
     qcfg = quant.resolve(quantize)  # a bad value fails here, before anything is read
+    adapter = None
+    if lora is not None:
+        from dllm_jax.lora import read_adapter
+
+        if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
+            raise ConfigError(f"{path!r} is a converted checkpoint: merge a LoRA adapter while converting "
+                              "(dllm-jax convert SRC DST --lora ADAPTER) or load the HF checkpoint with lora=")
+        adapter = read_adapter(lora)
     if os.path.isfile(os.path.join(path, CONVERTED_CONFIG)):
         from dllm_jax import checkpoint
 
@@ -106,7 +115,7 @@ def load(path: str, dtype="float32", mesh=None, attention: str = "reference", qu
         cfg = config_from_hf(read_hf_config(path), where=os.path.join(path, "config.json"))
         np_dtype = np.float32 if jdtype == jnp.float32 else jnp.bfloat16
         # with quantize, each tensor is quantized on the host as it is read: the float model is never built
-        params = load_hf_params(path, cfg, dtype=np_dtype, quantize=qcfg)
+        params = load_hf_params(path, cfg, dtype=np_dtype, quantize=qcfg, lora=adapter)
         tok = path if any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")) \
             else None
         model = Model(cfg, _cast_tree(params, jdtype), path=path, tokenizer_path=tok)

@@ -68,3 +68,33 @@ def test_cli_bad_set_list_is_one_clear_error(fixtures, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot parse" in err and "Traceback" not in err
+
+
+def test_cli_d2f_block_causal_with_lora(fixtures, llada_model, tmp_path, capsys):
+    """`generate --lora ADAPTER --block-causal 8 --schedule d2f` = the API on the merged, block-causal model (the CLI
+    fills in attention=block_causal and the block length)."""
+    import importlib
+
+    import numpy as np
+
+    import dllm_jax
+    from dllm_jax.presets import make_schedule
+    from test_lora import make_adapter
+
+    make_adapter(tmp_path / "ad", llada_model, ["q_proj", "v_proj"])
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "11,23,5,77", "--gen-length", "16",
+            "--schedule", "d2f", "--block-causal", "8", "--lora", str(tmp_path / "ad"), "--set", "cache=pipeline",
+            "--set", "tau_conf=0.5"]
+    assert cli.main(argv) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    model = dllm_jax.load(str(fixtures / "llada_tiny"), lora=str(tmp_path / "ad")).with_block_causal(8)
+    sched = make_schedule("d2f", 16, model.cfg, block_length=8, attention="block_causal", cache="pipeline",
+                          tau_conf=0.5)
+    want = importlib.import_module("dllm_jax.generate").generate(model, [[11, 23, 5, 77]], gen_length=16,
+                                                                  schedule=sched)
+    assert printed == [int(t) for t in want.generated[0]]
+    base = importlib.import_module("dllm_jax.generate").generate(llada_model.with_block_causal(8), [[11, 23, 5, 77]],
+                                                                 gen_length=16, schedule=sched)
+    assert not np.array_equal(base.generated, want.generated)  # the adapter took effect
+    assert cli.main(argv[:-4] + ["--lora", str(tmp_path / "nothing")]) == 2
+    assert "not a directory" in capsys.readouterr().err

@@ -73,6 +73,7 @@ def test_notebook_runs_on_cpu(path, tmp_path, monkeypatch):
     if path.name == "quickstart.ipynb":
         assert "Skipping the GSAI-ML/LLaDA-8B-Instruct conversion (CI run)" in text
         assert "after" in text and "forwards:" in text and "| schedule | accuracy |" in text
+        assert "cached == uncached tokens: True" in text  # the D2F cell
         assert _outputs(nb, "images") >= 1
     elif path.name == "schedulers.ipynb":
         assert "| schedule |" in text and _outputs(nb, "images") >= 1

@@ -9,7 +9,9 @@ LLaDA-8B attention: 32 query heads, 32 kv heads, head_dim 128. A "window 32" row
 (32 queries at the end of the cache attending over the whole S-long buffer); a "full" row is the uncached forward
 (T = S). Every implementation that can run on the default backend is timed ("reference" always; "pallas_tpu" on a
 TPU, "pallas_gpu" on a GPU; in --quick mode both kernels also run in the Pallas interpreter). Each kernel's output
-is checked against the reference (max |err|).
+is checked against the reference (max |err|). Baselines: `jax.nn.dot_product_attention` with the same masks as a
+dense boolean mask, XLA's lowering ("sdpa_xla") and on a GPU cuDNN's fused attention ("sdpa_cudnn") — the
+measurement that decides whether pallas_gpu pays off against the cuDNN fallback.
 
 Reported: median wall time of `--reps` calls after a warm-up (compile) call; achieved TFLOP/s counts the attention
 matmuls 4 * B * H * T * S * D; GB/s counts the minimum HBM traffic (q, k, v, o and the masks, each once). The
@@ -68,6 +70,27 @@ def make_inputs(B, T, S, H, K, D, dtype, seed=0):
     return q, k, v, key_valid, q_index
 
 
+# Baselines that are not implementations of the API: jax.nn.dot_product_attention with the same masks as a dense
+# boolean [B, 1, T, S] mask. "sdpa_cudnn" (GPU only) is the cuDNN fused attention the issue names as the fallback
+# for pallas_gpu where a custom kernel does not pay off; "sdpa_xla" is XLA's own lowering of the same call.
+SDPA = {"sdpa_xla": "xla", "sdpa_cudnn": "cudnn"}
+
+
+def sdpa(q, k, v, key_valid, q_index, *, block_size=0, implementation="xla"):
+    S = k.shape[1]
+    mask = key_valid[:, None, None, :]
+    if block_size:
+        k_blk = jnp.arange(S, dtype=jnp.int32) // block_size
+        mask = mask & ((q_index[:, :, None] // block_size) >= k_blk[None, None, :])[:, None]
+    mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], S))
+    return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                        implementation=implementation)
+
+
+def baseline_names(backend: str) -> list:
+    return ["sdpa_xla"] + (["sdpa_cudnn"] if backend == "gpu" else [])
+
+
 def time_fn(fn, args, reps):
     out = jax.block_until_ready(fn(*args))                  # compile + warm-up
     times = []
@@ -88,8 +111,11 @@ def run(shapes, impls, *, dtype, block_size, reps, interpret, peaks=None, log=pr
         nbytes = (2 * B * T * H * D + 2 * B * S * K * D) * itemsize + B * S + 4 * B * T
         ref_out = None
         for name in impls:
-            fn = jax.jit(lambda *a, _n=name: api.block_attention(
-                *a, block_size=block_size, implementation=_n, interpret=interpret))
+            if name in SDPA:
+                fn = jax.jit(lambda *a, _n=name: sdpa(*a, block_size=block_size, implementation=SDPA[_n]))
+            else:
+                fn = jax.jit(lambda *a, _n=name: api.block_attention(
+                    *a, block_size=block_size, implementation=_n, interpret=interpret))
             row = dict(B=B, T=T, S=S, H=H, K=K, D=D, impl=name, flops=flops, bytes=nbytes)
             try:
                 sec, out = time_fn(fn, args, reps)
@@ -153,7 +179,9 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=0, help="block-causal block size (0: bidirectional)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--impl", nargs="+", default=None, help="implementations to time (default: all runnable)")
+    p.add_argument("--impl", nargs="+", default=None,
+                   help="implementations to time (default: all runnable + the jax.nn.dot_product_attention baselines "
+                        "sdpa_xla, and sdpa_cudnn on a GPU)")
     p.add_argument("--out", default=None, help=f"markdown output (default {DEFAULT_OUT}; none in --quick mode)")
     a = p.parse_args(argv)
 
@@ -165,7 +193,8 @@ def main(argv=None):
         shapes = [(B, S if w == "full" else int(w), S, a.heads, a.kv_heads, a.head_dim)
                   for B in a.batch for S in a.cache for w in a.window if w == "full" or int(w) <= S]
         reps, block_size, interpret = a.reps, a.block_size, False
-    impls = a.impl or [n for n in api.runnable_implementations(interpret) if n != "auto"]
+    impls = a.impl or ([n for n in api.runnable_implementations(interpret) if n != "auto"]
+                       + baseline_names(jax.default_backend()))
 
     dev = jax.devices()[0]
     device = f"{dev.platform}: {getattr(dev, 'device_kind', '?')}"

@@ -178,7 +178,15 @@ def fresh_api(monkeypatch):
     return api
 
 
-def test_api_reference_and_unknown(fresh_api):
+@pytest.fixture
+def cpu_backend():
+    """The API tests below describe a CPU-only machine (what resolves, what falls back); on an accelerator
+    (benchmarks/accelerator_session.sh) they are skipped with this reason, the compiled-kernel tests run instead."""
+    if jax.default_backend() != "cpu":
+        pytest.skip(f"describes a CPU-only machine; this backend is {jax.default_backend()}")
+
+
+def test_api_reference_and_unknown(fresh_api, cpu_backend):
     assert fresh_api.resolve("reference") is reference.block_attention
     with pytest.raises(ValueError, match="unknown attention implementation"):
         fresh_api.resolve("flash")
@@ -188,7 +196,7 @@ def test_api_reference_and_unknown(fresh_api):
 
 
 @pytest.mark.parametrize("impl,hw", [("pallas_tpu", "TPU"), ("pallas_gpu", "GPU")])
-def test_api_named_kernel_unavailable_raises(fresh_api, impl, hw):
+def test_api_named_kernel_unavailable_raises(fresh_api, cpu_backend, impl, hw):
     with pytest.raises(fresh_api.KernelUnavailableError, match=f"needs a {hw}.*interpret=True"):
         fresh_api.resolve(impl)
     q, k, v, kv, qi = make_case(1, 2, 16, 2, 2, 64, 0, jnp.float32)
@@ -202,7 +210,7 @@ def test_api_resolved_callable_is_cached(fresh_api):
     assert fresh_api.resolve("pallas_gpu", interpret=True) is not a
 
 
-def test_api_auto_on_cpu_falls_back_with_one_warning(fresh_api):
+def test_api_auto_on_cpu_falls_back_with_one_warning(fresh_api, cpu_backend):
     with pytest.warns(RuntimeWarning, match="no Pallas kernel for backend 'cpu'"):
         fn = fresh_api.resolve("auto")
     assert fn is reference.block_attention
@@ -227,7 +235,7 @@ def test_api_auto_picks_kernel_when_probe_passes(fresh_api, monkeypatch):
     check(out, ref_attention(q, k, v, kv, qi, block_size=8), jnp.float32)
 
 
-def test_api_auto_falls_back_when_probe_fails(fresh_api, monkeypatch):
+def test_api_auto_falls_back_when_probe_fails(fresh_api, cpu_backend, monkeypatch):
     # Pretend to be on a GPU: the kernel resolves, but compiling it for real fails on this CPU -> reference.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.warns(RuntimeWarning, match="'auto': pallas_gpu unavailable"):

@@ -50,3 +50,14 @@ def dream_model():
     import dllm_jax
 
     return dllm_jax.load(str(FIXTURES / "dream_tiny"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled executables after each test module. One pytest process compiles several hundred XLA:CPU
+    programs; keeping them all alive is not needed (each module compiles its own), and XLA:CPU's compiler crashed
+    (segfault) twice late in long single-process runs on this 2-core machine."""
+    yield
+    import jax
+
+    jax.clear_caches()

@@ -414,6 +414,7 @@ _CACHES = {"none": NoCache, "prefix": PrefixCache, "dual": DualCache}
 
 
 def _cache(name):
+    name = "none" if name is None else name  # `--set cache=none` parses to None
     if name not in _CACHES:
         raise PresetError(f"cache must be one of {sorted(_CACHES)}, got {name!r}")
     return _CACHES[name]()
@@ -513,6 +514,7 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
     from dllm_jax.engine.d2f import D2FAccept, D2FPipeline, PipelineCache
 
     bl, _ = _blocks(gen_length, block_length, None)
+    cache = "none" if cache is None else cache  # `--set cache=none` parses to None
     if attention not in ("bidirectional", "block_causal"):
         raise PresetError(f"d2f: attention must be 'bidirectional' or 'block_causal', got {attention!r}")
     if cache not in ("none", "pipeline"):
@@ -561,6 +563,7 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
     from dllm_jax.engine.dsb import DSBCache
     from dllm_jax.engine.localleap import LocalLeap
 
+    cache = "none" if cache is None else cache  # `--set cache=none` parses to None
     for kind, v, ok in (("window", window, _COMPOSE_WINDOWS), ("accept", accept, _COMPOSE_ACCEPTS),
                         ("cache", cache, _COMPOSE_CACHES)):
         if v not in ok:

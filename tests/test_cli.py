@@ -98,3 +98,11 @@ def test_cli_d2f_block_causal_with_lora(fixtures, llada_model, tmp_path, capsys)
     assert not np.array_equal(base.generated, want.generated)  # the adapter took effect
     assert cli.main(argv[:-4] + ["--lora", str(tmp_path / "nothing")]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("schedule", ["d2f", "compose", "localleap"])
+def test_cli_set_cache_none(fixtures, capsys, schedule):
+    """`--set cache=none` (parsed as None) selects the no-cache policy in every preset that takes a cache name."""
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "16",
+            "--schedule", schedule, "--block-length", "8", "--set", "cache=none"]
+    assert cli.main(argv) == 0, capsys.readouterr().err

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # One prepared run for a machine with a GPU or a TPU (issues #6 kernels, #8 efficiency grid), sized for a
-# 15-minute device budget: about 9 minutes of commands after the install. Everything lands under $OUT (default
-# /tmp/accelerator_session); each step has its own timeout and the script goes on when a step fails, so one bad
+# 15-minute device budget: at most 510 s of commands. Everything lands in $OUT (default
+# /tmp/accelerator_session) as one tarball; each step has its own timeout and the script goes on when a step fails, so one bad
 # step does not cost the others.
 #
 #   bash benchmarks/accelerator_session.sh            # on the accelerator machine, from the repository root
 #   SMOKE=1 bash benchmarks/accelerator_session.sh    # CPU smoke run of the same steps (tiny sizes, seconds each)
+#
+# Nothing is installed: the machine may have no package index (the lent H200 has none), so the repository runs from
+# PYTHONPATH with that machine's own jax/flax/pytest ($PY, default python3). Its jax may lie outside the range
+# pyproject.toml pins (the H200 image had jax 0.11.2): devices.txt records the versions; a failure that comes from
+# the version is then visible as such.
 #
 # Steps:
 #   0. devices.txt         jax.devices(), backend, versions
@@ -14,11 +19,21 @@
 #                          against the golden tokens; the other hardware's kernel is skipped with the reason (-rs)
 #   2. attention.md        benchmarks/bench_attention.py at LLaDA-8B attention shapes (subset of the full grid)
 #   3. bench_llada8b/      dllm-jax bench, random weights of the LLaDA-8B shape in bf16, threshold schedules
-#                          replaying decode traces of the embedded model; star grid over gen length and batch
-#   4. bench_default/      the same grid on the embedded default model (real weights, task prompts)
+#                          replaying decode traces of the embedded model; star grid over gen length and batch;
+#                          finished points are streamed to bench_llada8b.partial.jsonl if the time limit stops it
+#
+# With the device tool: run(command="bash benchmarks/accelerator_session.sh", timeout_s=590); the tarball, steps.log
+# and attention.md come back from $OUT.
 set -u
-OUT=${OUT:-/tmp/accelerator_session}
-mkdir -p "$OUT"
+PY=${PY:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+# everything is written to $W; at the end it is packed into $OUT/accelerator_session.tar.gz, with steps.log and
+# attention.md beside it (the device tool returns at most 8 files from $OUT)
+FINAL=${OUT:-/tmp/accelerator_session}
+W=$(mktemp -d /tmp/accel_session.XXXXXX)
+OUT=$W
+mkdir -p "$FINAL"
 SMOKE=${SMOKE:-0}
 if [ "$SMOKE" = "1" ]; then
   export JAX_PLATFORMS=cpu
@@ -26,16 +41,14 @@ if [ "$SMOKE" = "1" ]; then
   ATT_ARGS=(--quick)
   BENCH8B=(--random-weights --shape 100m --dtype float32 --gen-lengths 64 --batch-sizes 1 --prompts short
            --schedules vanilla,dual_threshold,ar --repeats 1 --grid star --base-gen 64)
-  BENCHDEF=(--gen-lengths 64 --batch-sizes 1 --prompts short --schedules vanilla,dual_threshold,ar --repeats 1)
 else
   unset JAX_PLATFORMS
-  T_TESTS=200; T_ATT=120; T_BENCH=170
-  ATT_ARGS=(--batch 1 8 32 --cache 256 1024 4096 --window 32 full --dtype bfloat16 --reps 10)
-  BENCH8B=(--random-weights --shape llada-8b --dtype bfloat16 --gen-lengths 256,1024 --batch-sizes 1,4,16,64
-           --prompts short --schedules vanilla,dual,dual_threshold,ar,bd,bd_threshold --repeats 2 --grid star
+  # worst case 30 + 150 + 90 + 240 = 510 s, inside one 600 s device call (device tool: timeout_s=590)
+  T_TESTS=150; T_ATT=90; T_BENCH=240
+  ATT_ARGS=(--batch 1 8 32 --cache 1024 4096 --window 32 full --dtype bfloat16 --reps 10)
+  BENCH8B=(--random-weights --shape llada-8b --dtype bfloat16 --gen-lengths 256,1024 --batch-sizes 1,8,32,64
+           --prompts short --schedules vanilla,dual_threshold,ar,bd_threshold --repeats 2 --grid star
            --base-gen 256 --replay-from dllm_jax/assets/default_model)
-  BENCHDEF=(--gen-lengths 64,256 --batch-sizes 1,16,64 --prompts short
-            --schedules vanilla,dual_threshold,ar,bd_threshold --repeats 2 --grid star --base-gen 64)
 fi
 
 step() {  # step NAME TIMEOUT CMD...
@@ -48,16 +61,21 @@ step() {  # step NAME TIMEOUT CMD...
   tail -5 "$OUT/$name.txt"
 }
 
-step devices 120 python -c "
+step devices 30 "$PY" -c "
 import jax, jaxlib, platform
 print('backend', jax.default_backend()); print('devices', jax.devices())
 print('device_kind', jax.devices()[0].device_kind); print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)
-print('python', platform.python_version())"
+print('python', platform.python_version())
+import importlib.metadata as md
+for p in ('flax', 'optax', 'orbax-checkpoint', 'transformers', 'safetensors', 'pytest', 'triton'):
+    try: print(p, md.version(p))
+    except md.PackageNotFoundError: print(p, 'MISSING')"
 if [ "$SMOKE" = "1" ]; then export DLLM_KERNEL_HW=0; else export DLLM_KERNEL_HW=1; fi
 step kernel_tests "$T_TESTS" \
-  python -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_kernels_e2e.py
-step attention "$T_ATT" python benchmarks/bench_attention.py "${ATT_ARGS[@]}" --out "$OUT/attention.md"
-step bench_llada8b "$T_BENCH" dllm-jax bench "${BENCH8B[@]}" --no-progress --out "$OUT/bench_llada8b"
-step bench_default "$T_BENCH" dllm-jax bench --model dllm_jax/assets/default_model --prompt-source tasks \
-  "${BENCHDEF[@]}" --no-progress --out "$OUT/bench_default"
-echo "done: $OUT"; ls -R "$OUT" | head -40
+  "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py tests/test_kernels_e2e.py
+step attention "$T_ATT" "$PY" benchmarks/bench_attention.py "${ATT_ARGS[@]}" --out "$OUT/attention.md"
+step bench_llada8b "$T_BENCH" "$PY" -m dllm_jax.cli bench "${BENCH8B[@]}" --no-progress --out "$OUT/bench_llada8b"
+tar czf "$FINAL/accelerator_session.tar.gz" -C "$W" .
+cp "$W/steps.log" "$FINAL/" 2>/dev/null; cp "$W/attention.md" "$FINAL/" 2>/dev/null
+echo "done: $FINAL/accelerator_session.tar.gz ($(du -h "$FINAL/accelerator_session.tar.gz" | cut -f1))"
+tar tzf "$FINAL/accelerator_session.tar.gz" | head -40

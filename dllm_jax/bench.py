@@ -985,7 +985,20 @@ def main(argv=None) -> int:
     wslug = re.sub(r"[^a-z0-9]+", "-", wlabel.lower())
     out_dir = a.out or os.path.join("docs", "benchmarks", f"{info['slug']}_{wslug}")
     t0 = time.perf_counter()
-    points = run_grid(bench, groups, methods, prompt_lengths, progress=not a.no_progress)
+    # finished points are streamed to OUT.partial.jsonl (one JSON line each, flushed) so a run stopped by a time limit
+    # keeps what it measured; the file is removed once the complete outputs are written
+    partial = out_dir.rstrip("/") + ".partial.jsonl"
+    os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+    with open(partial, "w") as plog:
+        def on_point(rec):
+            plog.write(json.dumps(rec, default=_json_default) + "\n")
+            plog.flush()
+            if a.no_progress:
+                print(f"[bench] {rec['method']} G={rec['gen_length']} {rec['prompt_kind']} B={rec['batch']}: "
+                      f"{rec['status']}" + (f" {rec['tok_s']:.1f} tok/s" if rec.get("tok_s") else ""),
+                      file=sys.stderr, flush=True)
+
+        points = run_grid(bench, groups, methods, prompt_lengths, progress=not a.no_progress, on_point=on_point)
     try:
         info["loadavg_end"] = list(os.getloadavg())
     except OSError:
@@ -1012,6 +1025,7 @@ def main(argv=None) -> int:
     proj = [s.strip() for s in (a.project or "").split(",") if s.strip()]
     result["projections"] = {s: project(points, s) for s in proj}
     paths = write_outputs(result, out_dir, make_plots=not a.no_plots)
+    os.remove(partial)
     ok = [p for p in points if p["status"] == "ok"]
     print(f"[bench] {len(ok)}/{len(points)} points ok in {result['wall_s']:.0f}s; wrote {paths['json']}, "
           f"{paths['markdown']}" + (f", {len(paths['plots'])} plots" if paths["plots"] else ""), file=sys.stderr)

@@ -537,8 +537,8 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
                     eos_early_stop=eos_early_stop, name="d2f")
 
 
-_COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic")
-_COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap", "credit")
+_COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic", "d2f")
+_COMPOSE_ACCEPTS = ("threshold", "factor", "quota", "hierarchical", "localleap", "credit", "d2f")
 _COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity", "pipeline")
 # which caches a window works with: block caches refresh when a block starts (fixed / delimiter blocks); the DSB
 # cache follows a sliding window's jumps; the elastic window sizes itself from a full forward's confidences and
@@ -546,17 +546,22 @@ _COMPOSE_CACHES = ("none", "prefix", "dual", "dsb", "vicinity", "pipeline")
 # finished-prefix cache ("pipeline") needs only a window start that never moves back
 _COMPOSE_OK = {"fixed": ("none", "prefix", "dual", "vicinity", "pipeline"),
                "adablock": ("none", "prefix", "dual", "vicinity", "pipeline"),
-               "sliding": ("none", "dsb", "pipeline"), "elastic": ("none",)}
+               "sliding": ("none", "dsb", "pipeline"), "elastic": ("none",),
+               # D2F's pipeline of blocks: no block start to refresh at, its start only moves forward
+               "d2f": ("none", "pipeline")}
 
 
 def compose(gen_length, *, window="fixed", accept="threshold", cache="none", block_length=32, max_block_length=-1,
             delimiter_ids=(198,), delimiter_threshold=math.inf, budget=1.0, min_size=4, max_size=64,
             threshold=0.9, factor=None, steps=None, run_threshold=0.4, relaxed=0.75, radius=4, alpha=0.7,
             boost=0.2, decay=0.8, slots=None, prefix_window=8,
-            prefix_look=16, after_look=16, refresh_every=0, span_blocks=3, eos_early_stop=False, model_cfg=None):
+            prefix_look=16, after_look=16, refresh_every=0, span_blocks=3, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
+            eos_early_stop=False, model_cfg=None):
     """Any window x acceptance x cache by name (LLaDA-style: no logit shift handling beyond the model's):
-    window fixed|sliding|adablock|elastic, accept threshold|factor|quota|hierarchical|localleap|credit,
+    window fixed|sliding|adablock|elastic|d2f, accept threshold|factor|quota|hierarchical|localleap|credit|d2f,
     cache none|prefix|dual|dsb|vicinity|pipeline. E.g. window=sliding, accept=hierarchical, cache=dsb.
+    window=d2f is D2F's pipeline of blocks (tau_add), accept=d2f its per-block rule (tau_conf, tau_act; with the d2f
+    or fixed window); compose(window="d2f", accept="d2f") is the `d2f` preset.
     cache=pipeline is D2F's finished-prefix cache (span_blocks x block_length positions per cached forward); it is
     exact on a block-causal model (`with_block_causal`), an approximation on a bidirectional one."""
     from dllm_jax.engine.dinfer import Hierarchical, VicinityCache
@@ -572,6 +577,9 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
         raise PresetError(f"compose: window={window!r} works with cache in {_COMPOSE_OK[window]}, got {cache!r}")
     if accept == "quota" and window != "fixed":
         raise PresetError("compose: accept='quota' (a per-block step budget) needs window='fixed'")
+    if accept == "d2f" and window not in ("fixed", "d2f"):
+        raise PresetError("compose: accept='d2f' (per-block activation over blocks of block_length) needs "
+                          "window='d2f' or 'fixed'")
     steps_per_block = None
     if window == "fixed":
         bl, nb = _blocks(gen_length, block_length, steps)
@@ -586,6 +594,14 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
             raise PresetError(f"block_length must be > 0, got {block_length}")
         ids, tau = _delims(delimiter_ids, delimiter_threshold)
         win = DelimiterBlocks(init_block_length=int(block_length), delimiter_ids=ids, delimiter_threshold=tau)
+    elif window == "d2f":
+        from dllm_jax.engine.d2f import D2FPipeline
+
+        bl, _ = _blocks(gen_length, block_length, None)
+        if not (0.0 <= tau_add <= 1.0):
+            raise PresetError(f"compose: tau_add must lie in [0, 1], got {tau_add}")
+        win = D2FPipeline(block_length=bl, tau_add=float(tau_add),
+                          block_causal=bool(model_cfg is not None and model_cfg.block_causal))
     else:
         from dllm_jax.engine.elastic import EntropyElastic
 
@@ -597,6 +613,13 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
             raise PresetError("compose: accept='factor' needs factor=...")
     elif accept == "quota":
         acc = TopKQuota(steps_per_block=steps_per_block)
+    elif accept == "d2f":
+        from dllm_jax.engine.d2f import D2FAccept
+
+        if not (0.0 < tau_conf <= 1.0) or not (0.0 <= tau_act <= 1.0):
+            raise PresetError(f"compose: accept='d2f' needs tau_conf in (0, 1] and tau_act in [0, 1]; got {tau_conf}, "
+                              f"{tau_act}")
+        acc = D2FAccept(block_length=win.block_length, tau_conf=float(tau_conf), tau_act=float(tau_act))
     elif accept == "hierarchical":
         acc = Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold))
     elif accept == "credit":

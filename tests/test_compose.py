@@ -32,6 +32,9 @@ def _gen(model, sched, prompts=PROMPTS):
     (dict(window="adablock", accept="threshold", cache="dual", block_length=8, delimiter_ids=(5,),
           delimiter_threshold=0.0), "adablock_dual", dict(init_block_length=8, delimiter_ids=(5,),
                                                           delimiter_threshold=0.0)),
+    (dict(window="d2f", accept="d2f", cache="pipeline", block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.7,
+          span_blocks=2), "d2f", dict(block_length=8, tau_add=0.3, tau_act=0.6, tau_conf=0.7, cache="pipeline",
+                                      span_blocks=2)),
 ])
 def test_named_presets_are_compositions(llada_model, compose_kw, preset, preset_kw):
     a = _gen(llada_model, make_schedule("compose", GEN, llada_model.cfg, **compose_kw))
@@ -43,7 +46,7 @@ def test_named_presets_are_compositions(llada_model, compose_kw, preset, preset_
 def _combos():
     for w, ok in presets._COMPOSE_OK.items():
         for acc in presets._COMPOSE_ACCEPTS:
-            if acc == "quota" and w != "fixed":
+            if (acc == "quota" and w != "fixed") or (acc == "d2f" and w not in ("fixed", "d2f")):
                 continue
             for c in ok:
                 yield w, acc, c
@@ -99,6 +102,8 @@ def test_all_compositions_run(llada_model, w, acc, c):
     (dict(accept="localleap", threshold=0.5, relaxed=0.8), "relaxed"),
     (dict(window="elastic", cache="pipeline"), "works with cache in"),
     (dict(cache="pipeline", span_blocks=0), "span_blocks"),
+    (dict(window="sliding", accept="d2f"), "needs window='d2f' or 'fixed'"),
+    (dict(window="d2f", cache="dual"), "works with cache in"),
 ])
 def test_compose_rejects_nonsense(llada_model, kw, msg):
     with pytest.raises(PresetError, match=msg):
@@ -113,12 +118,13 @@ def test_every_window_accept_cache_name_is_covered():
     assert len(ALL) == len(set(ALL)) == sum(1 for _ in itertools.chain(ALL))
 
 
-@pytest.mark.parametrize("w", ["fixed", "sliding", "adablock"])
+@pytest.mark.parametrize("w", ["fixed", "sliding", "adablock", "d2f"])
 def test_pipeline_cache_is_exact_on_block_causal_models(llada_model, w):
     """D2F's finished-prefix cache under any window whose start only moves forward: on a block-causal model the cached
     run decodes the same tokens with the same NFE as full forwards, and most of its forwards are cached windows."""
     bc = llada_model.with_block_causal(8)
-    kw = {**_kw(w, "threshold"), "block_length": 16 if w == "sliding" else 8, "span_blocks": 2}
+    # D2F's pipeline spans several blocks at once (tau_add 0.1): its span covers the 32 generated positions
+    kw = {**_kw(w, "threshold"), "block_length": 16 if w == "sliding" else 8, "span_blocks": 4 if w == "d2f" else 2}
     ref = _gen(bc, make_schedule("compose", GEN, bc.cfg, cache="none", **kw))
     sched = make_schedule("compose", GEN, bc.cfg, cache="pipeline", **kw)
     assert sched.cache.align == 8

@@ -197,10 +197,9 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
     plan = plan_checkpoint(src_abs, cfg)  # all headers validated: bad checkpoints fail before anything is written
     adapter = None
     if lora is not None:
-        from dllm_jax.lora import check_against, read_adapter
+        from dllm_jax.lora import read_adapter
 
-        adapter = read_adapter(lora)
-        check_against(adapter, plan)
+        adapter = read_adapter(lora)  # checked against the plan by load_hf_params, before a weight is read
     dtype_name = DTYPES[dtype]
     if dtype_name == "auto":
         dtype_name = "bfloat16" if plan.source_dtypes == {"BF16"} else "float32"

@@ -35,6 +35,26 @@ def _parse_value(v: str):
     return v
 
 
+def parse_set(items) -> dict:
+    """`--set KEY=VALUE` items (repeatable) as preset keyword arguments; ValueError on a malformed item."""
+    kw = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        kw[k.strip()] = _parse_value(v.strip())
+    return kw
+
+
+def model_defaults(schedule: str, model_cfg, kw: dict) -> dict:
+    """Preset arguments the loaded model implies unless given: d2f on a block-causal model (`--block-causal N`) runs
+    in block-causal mode over the model's blocks."""
+    if schedule == "d2f" and model_cfg.block_causal:
+        kw.setdefault("attention", "block_causal")
+        kw.setdefault("block_length", model_cfg.block_causal)
+    return kw
+
+
 def schedule_from_args(a, model_cfg):
     from dllm_jax.presets import make_schedule
 
@@ -43,16 +63,10 @@ def schedule_from_args(a, model_cfg):
         v = getattr(a, name, None)
         if v is not None:
             kw[name] = v
-    for item in a.set or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        kw[k.strip()] = _parse_value(v.strip())
+    kw.update(parse_set(a.set))
     if a.eos_early_stop:
         kw["eos_early_stop"] = True
-    if a.schedule == "d2f" and model_cfg.block_causal:
-        kw.setdefault("attention", "block_causal")
-        kw.setdefault("block_length", model_cfg.block_causal)
+    model_defaults(a.schedule, model_cfg, kw)
     try:
         return make_schedule(a.schedule, a.gen_length, model_cfg, **kw)
     except TypeError as e:

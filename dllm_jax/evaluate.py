@@ -303,7 +303,7 @@ def _plot(results, path):
 
 
 def main(argv=None) -> int:
-    from dllm_jax.cli import _parse_value
+    from dllm_jax.cli import model_defaults, parse_set
 
     ap = argparse.ArgumentParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
@@ -360,16 +360,12 @@ def main(argv=None) -> int:
     else:
         kw = {k: v for k, v in (("threshold", a.threshold), ("factor", a.factor),
                                 ("block_length", a.block_length)) if v is not None}
-        for item in a.set or []:
-            k, sep, v = item.partition("=")
-            if not sep:
-                print(f"error: --set expects KEY=VALUE, got {item!r}", file=sys.stderr)
-                return 2
-            kw[k.strip()] = _parse_value(v.strip())
-        if a.schedule == "d2f" and model.cfg.block_causal:
-            kw.setdefault("attention", "block_causal")
-            kw.setdefault("block_length", model.cfg.block_causal)
-        runs = [(a.schedule, a.schedule, kw)]
+        try:
+            kw.update(parse_set(a.set))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        runs = [(a.schedule, a.schedule, model_defaults(a.schedule, model.cfg, kw))]
     machine = f"{platform.machine()} {os.cpu_count()} cores ({jax.devices()[0].platform}: {jax.devices()[0].device_kind})"
     results = []
     for label, preset, kw in runs:

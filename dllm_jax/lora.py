@@ -52,6 +52,16 @@ def _fail(path, msg):
     raise AdapterError(f"LoRA adapter {path!r}: {msg}")
 
 
+def _base_name(name: str):
+    """`base_model.model.<module>.lora_A.weight` -> (`<module>.weight`, "lora_A"); None for any other tensor."""
+    for part in ("lora_A", "lora_B"):
+        suffix = f".{part}.weight"
+        if name.endswith(suffix):
+            module = name[: -len(suffix)]
+            return (module[len(PREFIX):] if module.startswith(PREFIX) else module) + ".weight", part
+    return None
+
+
 def read_adapter(path: str) -> Adapter:
     """Read and validate a PEFT LoRA adapter directory (config + safetensors weights)."""
     if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
@@ -90,16 +100,10 @@ def read_adapter(path: str) -> Adapter:
     header = read_header(w_file)
     halves: dict = {}
     for name, info in header.items():
-        for part in ("lora_A", "lora_B"):
-            suffix = f".{part}.weight"
-            if name.endswith(suffix):
-                module = name[: -len(suffix)]
-                if module.startswith(PREFIX):
-                    module = module[len(PREFIX):]
-                halves.setdefault(module + ".weight", {})[part] = info
-                break
-        else:
+        split = _base_name(name)
+        if split is None:
             _fail(path, f"unexpected tensor {name!r} (only lora_A / lora_B weights can be merged)")
+        halves.setdefault(split[0], {})[split[1]] = info
     if not halves:
         _fail(path, "holds no lora_A / lora_B weights")
     for base, parts in halves.items():
@@ -111,10 +115,8 @@ def read_adapter(path: str) -> Adapter:
                         "(expected [r, in] and [out, r])")
     pairs = {base: [None, None] for base in halves}
     for name, arr in _iter_shard(w_file, header):
-        part = "lora_A" if name.endswith(".lora_A.weight") else "lora_B"
-        module = name[: -len(f".{part}.weight")]
-        module = module[len(PREFIX):] if module.startswith(PREFIX) else module
-        pairs[module + ".weight"][0 if part == "lora_A" else 1] = np.asarray(arr, np.float32)
+        base, part = _base_name(name)
+        pairs[base][0 if part == "lora_A" else 1] = np.asarray(arr, np.float32)
     return Adapter(path, scale, r, {k: tuple(v) for k, v in pairs.items()})
 
 

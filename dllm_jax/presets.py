@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -511,16 +512,9 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
     and the row ends when the added blocks are complete (the official end; the positions never added become EOS);
     eos_early_stop=True ends it sooner, once the first EOS has no mask before it (same text up to the EOS, fewer
     forwards)."""
-    from dllm_jax.engine.d2f import D2FAccept, D2FPipeline, PipelineCache
-
     bl, _ = _blocks(gen_length, block_length, None)
-    cache = "none" if cache is None else cache  # `--set cache=none` parses to None
     if attention not in ("bidirectional", "block_causal"):
         raise PresetError(f"d2f: attention must be 'bidirectional' or 'block_causal', got {attention!r}")
-    if cache not in ("none", "pipeline"):
-        raise PresetError(f"d2f: cache must be 'none' or 'pipeline', got {cache!r}")
-    if isinstance(span_blocks, bool) or not isinstance(span_blocks, int) or span_blocks < 1:
-        raise PresetError(f"d2f: span_blocks must be an integer >= 1, got {span_blocks!r}")
     mode_bc = attention == "block_causal"
     if model_cfg is not None:
         have = int(model_cfg.block_causal)
@@ -530,11 +524,17 @@ def d2f(gen_length, *, block_length=32, tau_add=0.1, tau_act=0.95, tau_conf=0.9,
         if not mode_bc and have:
             raise PresetError(f"this model runs block-causal attention (block_causal={have}): use d2f with "
                               f"attention='block_causal' and block_length={have}")
-    cpol = PipelineCache(span=span_blocks * bl, align=bl) if cache == "pipeline" else NoCache()
-    return Schedule(window=D2FPipeline(block_length=bl, tau_add=float(tau_add), block_causal=mode_bc),
-                    accept=D2FAccept(block_length=bl, tau_conf=float(tau_conf), tau_act=float(tau_act)), cache=cpol,
-                    sampler=_eos_sampler(model_cfg, "prob", 0.0, False, False, False),
-                    eos_early_stop=eos_early_stop, name="d2f")
+    cache = "none" if cache is None else cache  # `--set cache=none` parses to None
+    if cache not in _COMPOSE_OK["d2f"]:
+        raise PresetError(f"d2f: cache must be 'none' or 'pipeline', got {cache!r}")
+    sched = compose(gen_length, window="d2f", accept="d2f", cache=cache, block_length=bl, tau_add=tau_add,
+                    tau_act=tau_act, tau_conf=tau_conf, span_blocks=span_blocks, eos_early_stop=eos_early_stop,
+                    model_cfg=model_cfg)
+    # the attention mode is the preset's argument (compose reads it from the model, which may not be given); the
+    # cache boundary is kept on D2F's blocks
+    return sched.replace(window=dataclasses.replace(sched.window, block_causal=mode_bc),
+                         cache=dataclasses.replace(sched.cache, align=bl) if cache == "pipeline" else sched.cache,
+                         name="d2f")
 
 
 _COMPOSE_WINDOWS = ("fixed", "sliding", "adablock", "elastic", "d2f")
@@ -598,8 +598,6 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
         from dllm_jax.engine.d2f import D2FPipeline
 
         bl, _ = _blocks(gen_length, block_length, None)
-        if not (0.0 <= tau_add <= 1.0):
-            raise PresetError(f"compose: tau_add must lie in [0, 1], got {tau_add}")
         win = D2FPipeline(block_length=bl, tau_add=float(tau_add),
                           block_causal=bool(model_cfg is not None and model_cfg.block_causal))
     else:
@@ -616,9 +614,6 @@ def compose(gen_length, *, window="fixed", accept="threshold", cache="none", blo
     elif accept == "d2f":
         from dllm_jax.engine.d2f import D2FAccept
 
-        if not (0.0 < tau_conf <= 1.0) or not (0.0 <= tau_act <= 1.0):
-            raise PresetError(f"compose: accept='d2f' needs tau_conf in (0, 1] and tau_act in [0, 1]; got {tau_conf}, "
-                              f"{tau_act}")
         acc = D2FAccept(block_length=win.block_length, tau_conf=float(tau_conf), tau_act=float(tau_act))
     elif accept == "hierarchical":
         acc = Hierarchical(threshold=float(threshold), run_threshold=float(run_threshold))

@@ -106,3 +106,26 @@ def test_cli_set_cache_none(fixtures, capsys, schedule):
     argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "16",
             "--schedule", schedule, "--block-length", "8", "--set", "cache=none"]
     assert cli.main(argv) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--block-causal", "-1", "--schedule", "d2f"], "block_length must be >= 0"),
+    (["--schedule", "compose", "--set", "window=d2f", "--set", "accept=d2f", "--set", "tau_add=2"],
+     "tau_add must lie in [0, 1]"),
+    (["--schedule", "d2f", "--set", "tau_conf=0"], "tau_conf in (0, 1]"),
+])
+def test_cli_bad_d2f_arguments_are_one_clear_error(fixtures, capsys, extra, msg):
+    argv = ["generate", "--model", str(fixtures / "llada_tiny"), "--ids", "1,2,3", "--gen-length", "16",
+            "--block-length", "8"] + extra
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and "Traceback" not in err
+
+
+def test_eval_bad_set_items_are_one_clear_error(capsys):
+    from dllm_jax import evaluate
+
+    for bad, msg in (("threshold", "--set expects KEY=VALUE"), ("block_sizes=[4,,8]", "cannot parse")):
+        assert evaluate.main(["--task", "sort", "--limit", "1", "--set", bad]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err

@@ -67,6 +67,8 @@ class TrainConfig:
     restarts: tuple = ()
     ckpt_every: int = 100
     log_every: int = 10
+    # warm start: a converted checkpoint dir of the same shape whose params replace the random init at step 0
+    init_from: str = ""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -85,6 +87,10 @@ class TrainConfig:
 PRESETS = {
     # 6 layers, one warmup + cosine cycle of 6000 steps (0.67 s/step on an unshared 2-core CPU: ~67 min)
     "default": TrainConfig(n_layers=6, steps=6000, warmup=200),
+    # long run (hours on CPU, minutes on a GPU): the default model warm-started from a converted checkpoint
+    # (--init-from), a low-peak cosine over many more sequences, more weight on the hardest task (code)
+    "long": TrainConfig(name="long", n_layers=6, steps=60000, lr=1e-3, warmup=300, ckpt_every=250, log_every=50,
+                        task_weights=(("arith", 0.40), ("code", 0.35), ("sort", 0.25))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -209,7 +215,8 @@ def _cached_train_step(cfg: ModelConfig, tc: TrainConfig):
 
 def _step_fn_key(tc: TrainConfig) -> TrainConfig:
     """The fields the jitted step depends on (others zeroed so runs differing only in them share a compile)."""
-    return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0)
+    return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0,
+                               init_from="")
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
@@ -411,6 +418,8 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
     opt_state = opt.init(params)
     start = 0
     prior_seconds = 0.0
+    if tc.init_from and not (resume and latest is not None):
+        params = _init_from(tc.init_from, cfg, params)
     if resume and latest is not None:
         params, opt_state = _restore_state(mngr, latest, params, opt_state)
         start = latest
@@ -474,6 +483,20 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
     return result
 
 
+def _init_from(path: str, cfg: ModelConfig, params):
+    """Params of the converted checkpoint at `path`, checked to match `cfg`'s shapes (one clear error if not)."""
+    from dllm_jax.checkpoint import restore_converted
+
+    if not os.path.isfile(os.path.join(path, "dllm_jax_config.json")):
+        raise FileNotFoundError(f"--init-from {path!r}: not a converted checkpoint (no dllm_jax_config.json)")
+    init = restore_converted(path).params
+    want = jax.tree.map(lambda a: a.shape, params)
+    got = jax.tree.map(lambda a: a.shape, init)
+    if want != got:
+        raise ValueError(f"--init-from {path!r}: its parameter shapes do not match the preset's model")
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), init)
+
+
 def _machine() -> str:
     import platform
 
@@ -494,8 +517,12 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=0, metavar="N",
                     help="after training, held-out exact match on N examples per task (stored in training.json)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--init-from", default=None, metavar="DIR",
+                    help="warm start from a converted checkpoint of the same shape (e.g. the shipped model)")
     a = ap.parse_args(argv)
     over = {} if a.seed is None else {"seed": a.seed}
+    if a.init_from:
+        over["init_from"] = os.path.abspath(a.init_from)
     res = train(a.preset, a.out, steps=a.steps, resume=a.resume, work_dir=a.work_dir, progress=not a.no_progress,
                 eval_n=a.eval, **over)
     print(json.dumps({"out": os.path.abspath(a.out), "steps": res["step"], "train_seconds": round(res["seconds"], 1),

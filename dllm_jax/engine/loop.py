@@ -183,10 +183,12 @@ def _eos_stop(ctx: Ctx, x, active):
 
 
 def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys,
-              trace_len: int = 0, kv_sharding=None):
+              trace_len: int = 0, kv_sharding=None, row_steps: bool = False):
     """Build (carry, cond, body) of the denoising loop; `run` hands them to `lax.while_loop`.
 
-    kv_sharding: a NamedSharding for the KV-cache arrays when running on a mesh (None: no constraint)."""
+    kv_sharding: a NamedSharding for the KV-cache arrays when running on a mesh (None: no constraint).
+    row_steps: sample with each row's own forward count as the step (continuous batching: a row that joined late
+    draws what it draws alone; for rows that start together this equals the loop iteration)."""
     win, acc, cpol = sched.window, sched.accept, sched.cache
     B, L = ctx.batch, ctx.total_len
     pos = iota_BxL(ctx)
@@ -215,7 +217,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
 
     def body(c):
         x, w, a, cs, i, active = c["x"], c["w"], c["a"], c["c"], c["i"], c["active"]
-        step = c["it"]
+        step = c["nfe"] if row_steps else c["it"]
         need_full = cpol.needs_full(cs, ctx, w)
         if cpol.has_cache:
             kv = c["kv"]
@@ -317,3 +319,64 @@ def run(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, posit
     """
     carry, cond, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, trace_len, kv_sharding)
     return results(jax.lax.while_loop(cond, body, carry))
+
+
+# -- continuous batching (dllm_jax.serve) ---------------------------------------------------------------------------
+# The same loop over a batch of independent *slots*: `run_chunk` runs a bounded number of iterations and returns the
+# whole per-row state; before it runs, rows named in `reset` are re-initialised from the given canvas (a new
+# request's prompt written into the slot) exactly as `make_loop` initialises a fresh batch, and the others continue.
+# Per-row step counters (`row_steps`) and a per-row NFE cap make a row's tokens independent of when it joined.
+
+
+def _batch_axis(path) -> int:
+    return 1 if path and getattr(path[0], "key", None) == "kv" else 0  # KV cache: [layers, B, L, heads, dim]
+
+
+def init_slots(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, kv_sharding=None):
+    """The loop state of `ctx.batch` empty slots (every row inactive), for `run_chunk`."""
+    carry, _, _ = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, 0, kv_sharding, row_steps=True)
+    return {**carry, "active": jnp.zeros((ctx.batch,), bool), "capped": jnp.zeros((ctx.batch,), bool)}
+
+
+def run_chunk(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, state, x, key_valid, positions, keys, reset,
+              occupied, max_iters, stop_on_finish, kv_sharding=None):
+    """Advance the slots by at most `max_iters` loop iterations (call under jit with cfg/sched/ctx static).
+
+    state: from `init_slots` or the previous call. x/key_valid/positions/keys: the slots' canvases and inputs as
+    `generate.prepare` builds them (only the rows named in `reset` are read for initialisation). reset [B]: rows to
+    re-initialise (fresh window/acceptance/cache state, zero counters, zero KV rows); occupied [B]: whether a reset
+    row holds a request (else it stays empty, inactive). Stops early when no row is active, or, if
+    `stop_on_finish`, when a row that was active at the start finished. Returns the new state: x, nfe, active and
+    `capped` (rows stopped by the max_nfe bound, the `unfinished` of `run`) per row, plus the policies' state."""
+    # make_loop's cond (a global `it < max_nfe` bound) is replaced by a per-row cap below
+    fresh, _, body = make_loop(params, cfg, sched, ctx, x, key_valid, positions, keys, 0, kv_sharding,
+                               row_steps=True)
+    fresh = {**fresh, "capped": jnp.zeros((ctx.batch,), bool)}
+
+    def pick(path, new, old):
+        if old.ndim == 0:  # the global iteration counter
+            return old
+        ax = _batch_axis(path)
+        if old.shape[ax] != ctx.batch:
+            raise ValueError(f"loop state leaf {jax.tree_util.keystr(path)} {old.shape} has no batch axis: this "
+                             "schedule cannot run in independent slots")
+        m = reset.reshape((1,) * ax + (ctx.batch,) + (1,) * (old.ndim - ax - 1))
+        return jnp.where(m, new, old)
+
+    state = jax.tree_util.tree_map_with_path(pick, fresh, state)
+    state = {**state, "active": jnp.where(reset, occupied, state["active"])}
+    if "kv" in state:
+        state["kv"] = constrain_cache(state["kv"], kv_sharding)
+    it0, was_active = state["it"], state["active"]
+    max_nfe = sched.max_nfe or (4 * ctx.gen_length + 8)
+
+    def chunk_cond(c):
+        finished = jnp.any(was_active & ~c["active"])
+        return jnp.any(c["active"]) & (c["it"] - it0 < max_iters) & ~(stop_on_finish & finished)
+
+    def chunk_body(c):
+        c = body(c)
+        cap = c["active"] & (c["nfe"] >= max_nfe)  # per row, as `run`'s global bound is for rows started together
+        return {**c, "active": c["active"] & ~cap, "capped": c["capped"] | cap}
+
+    return jax.lax.while_loop(chunk_cond, chunk_body, state)

@@ -70,8 +70,9 @@ def token_stats(sampler: TokenSampler, logits_BxTxV, key_B=None, step=0):
         logits = jnp.where(vocab == s.eos_id, NEG_INF, logits)
 
     def row_keys(salt):
-        ks = jax.vmap(lambda k: jax.random.fold_in(jax.random.fold_in(k, step), salt))(key_B)
-        return ks
+        # step: the loop iteration, or one per row ([B]: continuous batching, each row its own forward count)
+        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), key_B.shape)
+        return jax.vmap(lambda k, t: jax.random.fold_in(jax.random.fold_in(k, t), salt))(key_B, steps)
 
     if s.temperature > 0 and s.style == "dream":
         tl = _filter_top(logits / s.temperature, s.top_p, s.top_k)

@@ -1,0 +1,82 @@
+"""Continuous batching on the one loop (engine.loop.run_chunk via serve.slots.SlotGroup): a request's tokens equal
+`generate` on it alone whatever else is in flight, with interleaved arrivals, refills, cancellations and chunk sizes."""
+
+import numpy as np
+import pytest
+
+import dllm_jax
+from dllm_jax.cli import default_model_path
+from dllm_jax.generate import ScheduleError, generate
+from dllm_jax.presets import make_schedule
+from dllm_jax.serve.slots import SlotGroup
+
+G = 16
+PROMPTS = [[1, 3, 40, 41, 42, 5, 4], [1, 3, 72, 69, 76, 76, 79, 5, 4], [1, 3, 50, 5, 4],
+           [1, 3] + list(range(40, 60)) + [5, 4], [1, 3, 33, 34, 35, 36, 5, 4], [1, 3, 90, 91, 5, 4],
+           [9, 9, 9], [1, 3, 44, 45, 46, 47, 48, 49, 50, 5, 4]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dllm_jax.load(default_model_path())
+
+
+def _serve_all(model, sched, prompts, seeds, n_slots, chunks, cancel=()):
+    """Feed `prompts` through a SlotGroup with refills between chunks of the sizes `chunks` (cycled); requests in
+    `cancel` are dropped after their first chunk. Returns {request: (gen, nfe, capped)} of the completed ones."""
+    grp = SlotGroup(model, sched, 32, G, n_slots)
+    waiting, done, k, started = list(range(len(prompts))), {}, 0, set()
+    for _ in range(1000):
+        for b in grp.free_slots():
+            if waiting:
+                r = waiting.pop(0)
+                grp.load(b, prompts[r], seeds[r], r)
+        if not waiting and grp.busy() == 0:
+            return done, grp
+        views = grp.step(chunks[k % len(chunks)], stop_on_finish=bool(waiting))
+        k += 1
+        for b, v in enumerate(views):
+            r = grp.owner[b]
+            if r is None:
+                continue
+            if r in cancel and r in started:
+                grp.clear(b)
+            elif not v.active:
+                done[r] = (v.gen.copy(), v.nfe, v.capped)
+                grp.clear(b)
+            started.add(r)
+    raise AssertionError("slots never drained")
+
+
+@pytest.mark.parametrize("preset,kw", [
+    ("vanilla", dict(block_length=8)),
+    ("fastdllm_dual", dict(block_length=8, threshold=0.7)),
+    ("llada", dict(steps=8, block_length=8, temperature=0.9)),
+    ("dream", dict(steps=8, temperature=0.7, top_p=0.9)),
+])
+def test_slots_equal_standalone_generate(model, preset, kw):
+    sched = make_schedule(preset, G, model.cfg, **kw)
+    seeds = [3 * i + 1 for i in range(len(PROMPTS))]
+    done, _ = _serve_all(model, sched, PROMPTS, seeds, n_slots=3, chunks=[1, 3, 2, 5], cancel={5})
+    assert sorted(done) == [r for r in range(len(PROMPTS)) if r != 5]
+    for r, (gen, nfe, capped) in done.items():
+        ref = generate(model, [PROMPTS[r]], gen_length=G, schedule=sched, seed=seeds[r])
+        np.testing.assert_array_equal(gen, ref.generated[0], err_msg=f"request {r}")
+        assert nfe == int(ref.nfe[0]) and capped == bool(ref.unfinished[0])
+
+
+def test_chunk_size_and_slot_count_do_not_change_tokens(model):
+    sched = make_schedule("fastdllm", G, model.cfg, block_length=8, threshold=0.8)
+    seeds = list(range(len(PROMPTS)))
+    a, _ = _serve_all(model, sched, PROMPTS, seeds, n_slots=2, chunks=[100])
+    b, grp = _serve_all(model, sched, PROMPTS, seeds, n_slots=4, chunks=[1, 2])
+    for r in a:
+        np.testing.assert_array_equal(a[r][0], b[r][0])
+        assert a[r][1] == b[r][1]
+    assert grp.busy() == 0 and not any(v.active for v in grp.last_view)
+
+
+def test_coupled_rows_are_refused(model):
+    sched = make_schedule("blockbatch", 32, model.cfg)
+    with pytest.raises(ScheduleError, match="several coupled rows"):
+        SlotGroup(model, sched, 32, 32, 2)

@@ -204,6 +204,11 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
                     continue
                 want = shapes["layers"][dst[1]][1:]
                 key = (dst[1], li)
+            elif dst[0] not in shapes:
+                if cfg.tie_embeddings and dst == ("lm_head",):
+                    continue  # a tied head stored anyway: the model reads embed.T (models/transformer.py `_head`)
+                extra.append(name)
+                continue
             else:
                 want = shapes[dst[0]]
                 key = (dst[0], None)
@@ -285,6 +290,8 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
             out[k] = alloc(k, s, k in qtop)
     for fname, header in plan.shards:
         for name, arr in _iter_shard(fname, header):
+            if name not in plan.dest:  # ignored by the plan (a tied lm_head stored anyway)
+                continue
             key, li, tr = plan.dest[name]
             if lora is not None and name in lora.pairs:
                 arr = arr.astype(np.float32) + lora.delta(name)

@@ -41,6 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 
 LINEAR = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")  # leaves of params["layers"]
+# MoE (LLaDA 2.x): the stacked experts [L, E, in, out] reuse w_gate/w_up/w_down under params["moe"], the shared
+# expert is s_gate/s_up/s_down; every group of layer leaves ("layers", "dense", "moe") is quantized by these names.
+# The router and its bias stay float32 (routing decisions are discrete).
+MOE_LINEAR = ("s_gate", "s_up", "s_down")
 QMAX = 127
 _INV_QMAX = np.float32(1.0 / QMAX)
 
@@ -223,8 +227,11 @@ def take(w: QArray, tokens):
     return rows.astype(w.dtype)
 
 
-def _leaf_names(cfg: QuantConfig):
-    return [("layers", k) for k in LINEAR] + [(k,) for k in cfg.top_leaves()]
+def _leaf_names(cfg: QuantConfig, tree=None):
+    if tree is None or set(tree) <= {"layers", "embed", "lm_head", "final_norm"}:
+        return [("layers", k) for k in LINEAR] + [(k,) for k in cfg.top_leaves()]
+    groups = [(g, k) for g, sub in tree.items() if isinstance(sub, dict) for k in LINEAR + MOE_LINEAR if k in sub]
+    return groups + [(k,) for k in cfg.top_leaves()]
 
 
 def _get(tree, path):
@@ -246,7 +253,7 @@ def quantize_params(params: dict, quantize="int8") -> dict:
     if cfg is None:
         return params
     out = params
-    for path in _leaf_names(cfg):
+    for path in _leaf_names(cfg, params):
         w = _get(params, path)
         if not isinstance(w, QArray):
             out = _replaced(out, path, quantize_array(w, reduce_axis(path[-1])))
@@ -290,7 +297,7 @@ def abstract_params(shapes: dict, quantize, dtype) -> dict:
     if cfg is None:
         return shapes
     out = shapes
-    for path in _leaf_names(cfg):
+    for path in _leaf_names(cfg, shapes):
         s = _get(shapes, path)
         ax = reduce_axis(path[-1]) % len(s.shape)
         sshape = tuple(1 if i == ax else d for i, d in enumerate(s.shape))
@@ -314,7 +321,7 @@ def param_shardings(model_cfg, mesh, quantize):
     shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
     qshapes = abstract_params(shapes, cfg, jnp.float32)
     out = float_sh
-    for path in _leaf_names(cfg):
+    for path in _leaf_names(cfg, qshapes):
         qs = _get(qshapes, path)
         spec = sharding.spec_for(sharding.PARAM_AXES[path[-1]], qs.scale.shape, model_cfg, mesh)
         out = _replaced(out, path, QArray(_get(float_sh, path), NamedSharding(mesh, spec), qs.dtype))
@@ -329,10 +336,11 @@ def param_bytes(tree) -> dict:
     def size(a):
         return a.nbytes if isinstance(a, QArray) else _nbytes(a)
 
-    for k, v in tree["layers"].items():
-        out["linear" if k in LINEAR else "other"] += size(v)
     for k, v in tree.items():
-        if k != "layers":
+        if isinstance(v, dict):  # "layers" (and the MoE families' "dense" / "moe" groups)
+            for n, a in v.items():
+                out["linear" if n in LINEAR + MOE_LINEAR else "other"] += size(a)
+        else:
             out["embed_head" if k in ("embed", "lm_head") else "other"] += size(v)
     out["total"] = sum(out.values())
     return out

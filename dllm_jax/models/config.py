@@ -41,6 +41,9 @@ class ModelConfig:
     attention_impl: str = "reference"
     attention_interpret: bool = False  # run a Pallas kernel in the interpreter (CPU testing)
     extra: tuple = ()  # (key, value) pairs kept for round trips (e.g. bos/eot ids)
+    # tie_word_embeddings: no lm_head leaf, the head is embed.T (Fast-dLLM v2 1.5B)
+    tie_embeddings: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k (weight [head_dim]) before RoPE (Qwen3 / SDAR)
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -138,6 +141,12 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
             logit_shift=True,
             extra=(("bos_token_id", hf.get("bos_token_id")),),
         )
+    if mt in ("fast_dllm_qwen", "sdar", "sdar_moe") or {"Fast_dLLM_QwenForCausalLM", "SDARForCausalLM"} & set(
+            hf.get("architectures") or ()):
+        from dllm_jax.models.qwen_block import config_from_hf as block_config
+
+        return block_config(hf, where)
     raise ConfigError(
-        f"{where}: unknown model_type {hf.get('model_type')!r}; supported: 'llada' (LLaDA) and 'Dream'/'qwen2' (Dream)"
+        f"{where}: unknown model_type {hf.get('model_type')!r}; supported: 'llada' (LLaDA), 'Dream'/'qwen2' (Dream), "
+        "'Fast_dLLM_Qwen' (Fast-dLLM v2), 'sdar' (SDAR)"
     )

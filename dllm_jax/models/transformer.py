@@ -59,6 +59,9 @@ def _qkv(cfg: ModelConfig, lp, h):
     q = _proj(h, lp["wq"], lp.get("bq")).reshape(B, T, cfg.n_heads, cfg.head_dim)
     k = _proj(h, lp["wk"], lp.get("bk")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
     v = _proj(h, lp["wv"], lp.get("bv")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+    if "q_norm" in lp:  # Qwen3 / SDAR: per-head RMSNorm of q and k over head_dim, before RoPE
+        q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
+        k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
     return q, k, v
 
 
@@ -69,18 +72,28 @@ def _mlp(cfg, lp, x):
     return _proj(jax.nn.silu(g) * u, lp["w_down"])
 
 
-def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret):
+def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret, key_end=None):
     cos_q, sin_q = rope_tables(q_pos, cfg.head_dim, cfg.rope_theta)
     cos_k, sin_k = rope_tables(k_pos, cfg.head_dim, cfg.rope_theta)
     q = apply_rope(q, cos_q, sin_q)
     k = apply_rope(k_all, cos_k, sin_k)
+    if key_end is not None:  # per-query visible keys [0, key_end): the block-causal rule with blocks of 1
+        q_index, block_size = key_end - 1, 1
+    else:
+        block_size = cfg.block_causal
     return attn_api.block_attention(
-        q, k, v_all, key_valid_BxS, q_index, block_size=cfg.block_causal,
+        q, k, v_all, key_valid_BxS, q_index, block_size=block_size,
         implementation=cfg.attention_impl, interpret=interpret or cfg.attention_interpret)
 
 
 def _head(params, cfg, x):
     x = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    if "lm_head" not in params:  # tied embeddings (tie_word_embeddings): logits = x @ embed.T
+        e = params["embed"]
+        if isinstance(e, quant.QArray):  # int8 rows with per-row scales [V, 1]: scale the logits per vocab entry
+            y = jnp.einsum("btd,vd->btv", x, e.q.astype(x.dtype), preferred_element_type=jnp.float32)
+            return y * e.scale.reshape(-1).astype(jnp.float32)
+        return jnp.einsum("btd,vd->btv", x, e.astype(x.dtype), preferred_element_type=jnp.float32)
     w = params["lm_head"]
     if isinstance(w, quant.QArray):
         return quant.einsum("btd,dv->btv", x, w, out_dtype=jnp.float32)
@@ -106,11 +119,13 @@ def _query_blocks(cfg: ModelConfig, q_index_BxT, prefix_len):
 
 @partial(jax.jit, static_argnames=("cfg", "interpret"))
 def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
-            prefix_len=None):
+            prefix_len=None, key_end=None):
     """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree).
 
     prefix_len: the prompt length, used only by block-causal models whose prompt is one block
-    (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks."""
+    (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks.
+    key_end: optional [B, T] int: query t sees only keys [0, key_end[b, t]) (replaces cfg.block_causal; block-diffusion
+    policies pass the mask each official forward uses, dllm_jax/engine/block_diffusion.py)."""
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -122,7 +137,7 @@ def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_
     def layer(x, lp):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(cfg, lp, h)
-        o = _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret)
+        o = _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret, key_end)
         x = x + _proj(o.reshape(B, T, -1), lp["wo"])
         x = x + _mlp(cfg, lp, x)
         return x, (k, v)
@@ -141,12 +156,13 @@ def _row_update(a_BxS, upd_BxW, start_B):
 
 @partial(jax.jit, static_argnames=("cfg", "interpret"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False, prefix_len=None):
+                   interpret=False, prefix_len=None, key_end=None):
     """Cached forward of a window of W queries at per-row offsets `start_B` into the S-long KV buffer.
 
     For each layer the window's freshly computed K/V overwrite the cache where `write_BxW` is true (dual-cache
     `replace_position`; prefix-cache = write the whole suffix); the queries then attend over the full updated
-    buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S. prefix_len: as in `forward`.
+    buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S. prefix_len, key_end ([B, W]): as in
+    `forward`.
     Returns (logits [B,W,V] float32, updated cache).
     """
     B, W = tokens_BxW.shape
@@ -164,7 +180,7 @@ def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cac
         ck = _row_update(ck, k_blend, start_B)
         cv = _row_update(cv, v_blend, start_B)
         o = _attend(cfg, q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid_BxS, q_pos, positions_BxS, q_index,
-                    interpret)
+                    interpret, key_end)
         x = x + _proj(o.reshape(B, W, -1), lp["wo"])
         x = x + _mlp(cfg, lp, x)
         return x, (ck, cv)
@@ -195,7 +211,12 @@ def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02):
     if cfg.qkv_bias:
         layers.update(bq=jnp.zeros((L, H * hd), dtype), bk=jnp.zeros((L, K * hd), dtype),
                       bv=jnp.zeros((L, K * hd), dtype))
-    return {"embed": n((V, D)), "layers": layers, "final_norm": jnp.ones((D,), dtype), "lm_head": n((D, V))}
+    if cfg.qk_norm:
+        layers.update(q_norm=jnp.ones((L, hd), dtype), k_norm=jnp.ones((L, hd), dtype))
+    out = {"embed": n((V, D)), "layers": layers, "final_norm": jnp.ones((D,), dtype), "lm_head": n((D, V))}
+    if cfg.tie_embeddings:
+        del out["lm_head"]  # the head is embed.T (`_head`)
+    return out
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -176,6 +176,10 @@ class CheckpointPlan:
 def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
     """Validate a checkpoint against `cfg` from its headers alone: every shard readable and complete, every name
     known, every shape right, nothing missing, duplicated or left over. Raises CheckpointError."""
+    if cfg.family == "llada2_moe":  # experts stacked [E, ...], fused q/k/v: its own reader (dllm_jax.moe_weights)
+        from dllm_jax import moe_weights
+
+        return moe_weights.plan_checkpoint(path, cfg)
     table = [(re.compile(rx + r"\Z"), dst, tr) for rx, dst, tr in FAMILIES[cfg.family].WEIGHT_TABLE]
     shapes = expected_shapes(cfg)
     files = shard_files(path)
@@ -265,6 +269,11 @@ def load_hf_params(path: str, cfg: ModelConfig, dtype=np.float32,
     merged into its weights as they are read (W + scale * B @ A in float32, checked against the plan first)."""
     from dllm_jax import quant
 
+    if cfg.family == "llada2_moe":
+        from dllm_jax import moe_weights
+
+        return moe_weights.load_hf_params(path, cfg, dtype=dtype, on_shard=on_shard, on_tensor=on_tensor, plan=plan,
+                                          quantize=quantize, lora=lora)
     qcfg = quant.resolve(quantize)
     if plan is None:
         plan = plan_checkpoint(path, cfg)

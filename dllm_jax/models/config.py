@@ -43,7 +43,21 @@ class ModelConfig:
     extra: tuple = ()  # (key, value) pairs kept for round trips (e.g. bos/eot ids)
     # tie_word_embeddings: no lm_head leaf, the head is embed.T (Fast-dLLM v2 1.5B)
     tie_embeddings: bool = False
-    qk_norm: bool = False  # per-head RMSNorm of q and k (weight [head_dim]) before RoPE (Qwen3 / SDAR)
+    # --- LLaDA 2.x (family "llada2_moe", dllm_jax/models/llada2_moe.py); the defaults describe the dense families ---
+    qk_norm: bool = False  # per-head RMSNorm of q and k (weight [head_dim]) before RoPE
+    rope_dim: int = 0  # RoPE on the first rope_dim dims of each head (partial rotary); 0 = the whole head
+    # How a block mask enters attention: "hard" = keys of later blocks are excluded; "soft01" = LLaDA2.1 `generate`'s
+    # 0/1 mask used as an additive bias (allowed keys +1, nothing excluded; a quirk of the official code)
+    block_mask_mode: str = "hard"
+    n_experts: int = 0  # routed experts per MoE layer (0 = dense model)
+    n_experts_per_tok: int = 0  # top-k
+    moe_hidden: int = 0  # intermediate size of one routed expert
+    n_shared_experts: int = 0  # the shared expert's width is moe_hidden * n_shared_experts
+    n_group: int = 1  # group-limited routing: experts in n_group contiguous groups, the topk_group best kept
+    topk_group: int = 1
+    routed_scaling: float = 1.0  # routed_scaling_factor
+    first_dense_layers: int = 0  # first_k_dense_replace: layers [0, k) use the dense MLP (mlp_hidden)
+    moe_impl: str = "auto"  # grouped expert compute: "auto" | "ragged" | "gather" | "dense" (see llada2_moe.py)
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
@@ -146,7 +160,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         from dllm_jax.models.qwen_block import config_from_hf as block_config
 
         return block_config(hf, where)
+    if mt == "llada2_moe" or "LLaDA2MoeModelLM" in (hf.get("architectures") or ()):
+        from dllm_jax.models.llada2_moe import config_from_hf as llada2_config
+
+        return llada2_config(hf, where)
     raise ConfigError(
         f"{where}: unknown model_type {hf.get('model_type')!r}; supported: 'llada' (LLaDA), 'Dream'/'qwen2' (Dream), "
-        "'Fast_dLLM_Qwen' (Fast-dLLM v2), 'sdar' (SDAR)"
+        "'llada2_moe' (LLaDA 2.x MoE), 'Fast_dLLM_Qwen' (Fast-dLLM v2), 'sdar' (SDAR)"
     )

@@ -22,6 +22,15 @@ from dllm_jax.models.config import ModelConfig
 from pallas_kernels.block_attention import api as attn_api
 
 
+# Families with their own body (same forward / forward_window / init_params contract), registered by their module
+# on import (dllm_jax.models imports them): family name -> module. The engine calls this module's entry points.
+_BODIES: dict = {}
+
+
+def register_body(family: str, module) -> None:
+    _BODIES[family] = module
+
+
 def rms_norm(x, w, eps):
     # Reference (LLaDA and Qwen2): normalise in float32, cast back to the input dtype, then multiply by the weight.
     xf = x.astype(jnp.float32)
@@ -126,6 +135,9 @@ def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_
     (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks.
     key_end: optional [B, T] int: query t sees only keys [0, key_end[b, t]) (replaces cfg.block_causal; block-diffusion
     policies pass the mask each official forward uses, dllm_jax/engine/block_diffusion.py)."""
+    if cfg.family in _BODIES:
+        return _BODIES[cfg.family].forward(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret=interpret,
+                                           prefix_len=prefix_len, **_key_end_kw(key_end))
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -144,6 +156,10 @@ def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_
 
     x, (k, v) = jax.lax.scan(layer, x, params["layers"])
     return _head(params, cfg, x), {"k": k, "v": v}
+
+
+def _key_end_kw(key_end):
+    return {} if key_end is None else {"key_end": key_end}
 
 
 def _row_slice(a_BxS, start_B, size):
@@ -165,6 +181,10 @@ def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cac
     `forward`.
     Returns (logits [B,W,V] float32, updated cache).
     """
+    if cfg.family in _BODIES:
+        return _BODIES[cfg.family].forward_window(params, cfg, tokens_BxW, start_B, write_BxW, cache, positions_BxS,
+                                                  key_valid_BxS, interpret=interpret, prefix_len=prefix_len,
+                                                  **_key_end_kw(key_end))
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
     q_index = _query_blocks(cfg, start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None], prefix_len)
@@ -196,6 +216,8 @@ def shift_logits(logits_BxTxV):
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale=0.02):
     """Random params with the converted layout (used by training and random-weight benchmarks)."""
+    if cfg.family in _BODIES:
+        return _BODIES[cfg.family].init_params(cfg, key, dtype=dtype, scale=scale)
     D, L, H, K, hd, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden,
                             cfg.vocab_size)
     ks = iter(jax.random.split(key, 16))

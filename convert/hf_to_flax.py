@@ -18,11 +18,14 @@ success). Errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import shutil
 import sys
+import signal
 import tempfile
+import threading
 
 # Files copied verbatim from SRC when present (tokenizer, generation defaults, chat templates).
 TOKENIZER_FILES = (
@@ -166,6 +169,33 @@ def save_params_bounded(dst: str, params: dict) -> None:
         ckptr.close()
 
 
+@contextlib.contextmanager
+def deferred_interrupt(log):
+    """Hold back Ctrl-C (SIGINT) while orbax writes: its writer threads keep going after the main thread is
+    interrupted, so removing the temp dir at once would race them (leaving a half-written dir and a thread
+    traceback at exit). The interrupt is raised when the write has finished; a second Ctrl-C aborts at once.
+    A no-op off the main thread (signal handlers can only be set there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        if len(hits) == 1:
+            log("interrupted: finishing the write in progress, then removing it (Ctrl-C again to abort at once)")
+        else:
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hits:
+        raise KeyboardInterrupt
+
+
 def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, progress: bool = True,
             log=None, quantize: str | None = None, lora: str | None = None) -> dict:
     """Convert SRC (HF) into DST (dllm-jax format). Returns a summary dict. Raises ConvertError, ConfigError or
@@ -230,11 +260,12 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
                                     lora=adapter)
         n_params = sum(int(np.prod(a.shape)) for a in _leaves(params, weights_only=True))
         n_bytes = sum(a.size * a.dtype.itemsize for a in _leaves(params))
-        _to_jax_arrays(params)
-        log(f"writing orbax checkpoint ({n_params:,} parameters, {_fmt_bytes(n_bytes)})")
         from dllm_jax.checkpoint import write_config
 
-        save_params_bounded(tmp, params)
+        with deferred_interrupt(log):  # orbax writes from its own threads: let them finish, then clean up
+            log(f"writing orbax checkpoint ({n_params:,} parameters, {_fmt_bytes(n_bytes)})")
+            _to_jax_arrays(params)
+            save_params_bounded(tmp, params)
         del params
         write_config(tmp, cfg, dtype_name, converter="convert.hf_to_flax",
                      source={"path": src_abs, "model_type": hf.get("model_type"),

@@ -173,6 +173,21 @@ class CheckpointPlan:
         return sum(t.nbytes for _, h in self.shards for t in h.values())
 
 
+FLOAT_TAGS = frozenset({"BF16", "F16", "F32", "F64"})  # safetensors tags a weight may be stored in
+
+
+def checkpoint_name(cfg: ModelConfig, dst: tuple, layer: int | None = None) -> str:
+    """The checkpoint's (HF) name of the params leaf `dst` (layer `layer`), from the family's weight table; the
+    internal name `layers.wq[1]` when the table's pattern is not a plain name."""
+    internal = ".".join(dst) + ("" if layer is None else f"[{layer}]")
+    for rx, d, _ in FAMILIES[cfg.family].WEIGHT_TABLE:
+        if tuple(d) == tuple(dst):
+            name = rx.replace(r"(\d+)", str(layer)) if layer is not None else rx
+            name = name.replace("\\.", ".")
+            return internal if any(c in name for c in "()[]?*+|\\") else name
+    return internal
+
+
 def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
     """Validate a checkpoint against `cfg` from its headers alone: every shard readable and complete, every name
     known, every shape right, nothing missing, duplicated or left over. Raises CheckpointError."""
@@ -216,6 +231,10 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
             else:
                 want = shapes[dst[0]]
                 key = (dst[0], None)
+            if info.dtype not in FLOAT_TAGS:
+                raise CheckpointError(f"tensor {name} in {base} is stored as {info.dtype}; a weight must be a float "
+                                      f"tensor ({'/'.join(sorted(FLOAT_TAGS))}) -- the checkpoint is corrupt or "
+                                      f"not a plain float checkpoint")
             hf_want = tuple(reversed(want)) if tr else tuple(want)
             if tuple(info.shape) != hf_want:
                 raise CheckpointError(f"tensor {name} in {base} has shape {tuple(info.shape)}, expected {hf_want} "
@@ -234,9 +253,10 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
     missing = []
     for k, v in shapes.items():
         if k == "layers":
-            missing += [f"layers.{lk}[{li}]" for lk in v for li in range(cfg.n_layers) if (lk, li) not in filled]
+            missing += [checkpoint_name(cfg, ("layers", lk), li) for lk in v for li in range(cfg.n_layers)
+                        if (lk, li) not in filled]
         elif (k, None) not in filled:
-            missing.append(k)
+            missing.append(checkpoint_name(cfg, (k,)))
     if missing:
         raise CheckpointError(f"checkpoint {path!r} is missing {len(missing)} tensor(s) the config needs: "
                               f"{missing[:8]}{' ...' if len(missing) > 8 else ''}")

@@ -18,7 +18,7 @@ from dllm_jax import hf_weights
 from dllm_jax.hf_weights import CheckpointError
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-_ST_TAG = {np.dtype(np.float32): "F32", BF16: "BF16", np.dtype(np.float16): "F16"}
+_ST_TAG = {np.dtype(np.float32): "F32", BF16: "BF16", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32"}
 IDS = np.array([[3, 17, 250, 296, 296, 42, 7, 290], [1, 2, 3, 4, 296, 296, 296, 9]], np.int32)
 
 
@@ -228,7 +228,19 @@ def test_missing_tensor(fixtures, tmp_path, capsys):
     del t["model.transformer.blocks.1.k_proj.weight"]
     src = hf_copy(fixtures, "llada", tmp_path / "hf", tensors=t)
     rc, _, err = run([src, tmp_path / "out"], capsys)
-    assert_failed_cleanly(rc, err, tmp_path / "out", "missing 1 tensor", "layers.wk[1]")
+    # named as the checkpoint names it, not by the internal params path (layers.wk[1])
+    assert_failed_cleanly(rc, err, tmp_path / "out", "missing 1 tensor", "model.transformer.blocks.1.k_proj.weight")
+
+
+def test_integer_tensor_in_float_checkpoint(fixtures, tmp_path, capsys):
+    t = _tensors(fixtures)
+    name = "model.transformer.blocks.0.q_proj.weight"
+    t[name] = (t[name] * 100).astype(np.int32)
+    src = hf_copy(fixtures, "llada", tmp_path / "hf", tensors=t)
+    rc, _, err = run([src, tmp_path / "out"], capsys)
+    assert_failed_cleanly(rc, err, tmp_path / "out", name, "I32", "float")
+    with pytest.raises(CheckpointError, match="stored as I32"):
+        dllm_jax.load(str(src))
 
 
 def test_extra_tensor(fixtures, tmp_path, capsys):
@@ -392,3 +404,65 @@ def test_iter_shard_corrupt_header_raises_checkpoint_error(tmp_path, header):
     f.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00" * 64)
     with pytest.raises(CheckpointError, match=r"c\.safetensors"):
         list(hf_weights._iter_shard(str(f)))
+
+
+@pytest.mark.parametrize("when", ["converting", "writing orbax"])
+def test_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, when):
+    """Ctrl-C while reading or while orbax writes: exit 130, one line, no traceback, no temp dir, no DST."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    try:
+        from converter_memory import build_checkpoint
+    finally:
+        sys.path.pop(0)
+    src, dst = tmp_path / "hf", tmp_path / "out"
+    build_checkpoint(str(src), 256, 2, 32000, 704, 2)  # ~80 MB: the write takes long enough to be interrupted
+    import glob
+    import signal
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, "-m", "convert.hf_to_flax", str(src), str(dst), "--no-progress"], cwd=root,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    seen = []
+    for line in p.stderr:
+        seen.append(line)
+        if when in line:
+            break
+    if when == "writing orbax":  # wait until orbax's writer threads have files open in the temp dir
+        t0 = time.time()
+        while not glob.glob(str(tmp_path / ".out.tmp-*" / "*" / "*")) and time.time() - t0 < 60:
+            time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    err = "".join(seen) + p.stderr.read()
+    rc = p.wait(timeout=120)
+    assert rc == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].endswith(f"interrupted; nothing was written to {dst}"), err
+    assert leftovers(str(dst)) == [], leftovers(str(dst))
+
+
+def test_ctrl_c_waits_for_writer_threads(fixtures, tmp_path, capsys, monkeypatch):
+    """Deterministic form of the race above: a save whose writer thread is still busy when Ctrl-C arrives (as
+    orbax's commit threads are). The interrupt must wait for the writer, then remove the temp dir."""
+    import signal
+    import threading
+    import time
+
+    def save_with_busy_writer(dst, params):
+        def writer():
+            time.sleep(0.3)
+            os.makedirs(os.path.join(dst, "params"))
+            with open(os.path.join(dst, "params", "late_write"), "w") as f:
+                f.write("x")
+
+        t = threading.Thread(target=writer)
+        t.start()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the writer is busy
+        t.join()  # Checkpointer.save waits for its commit threads like this
+
+    monkeypatch.setattr(hf_to_flax, "save_params_bounded", save_with_busy_writer)
+    src = hf_copy(fixtures, "llada", tmp_path / "hf")
+    rc, _, err = run([src, tmp_path / "out"], capsys)
+    time.sleep(0.5)  # a writer left running would create its file by now
+    assert rc == 130 and "interrupted; nothing was written" in err, err
+    assert leftovers(str(tmp_path / "out")) == [], leftovers(str(tmp_path / "out"))

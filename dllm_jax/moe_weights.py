@@ -93,7 +93,7 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
     wm = _index_weight_map(index) if os.path.isfile(index) else None
     shards, dest, where, extra, src_dtypes = [], {}, {}, [], set()
     too_many: dict[int, int] = {}  # layer -> highest expert index seen beyond E
-    dense_in_moe, moe_in_dense = [], []
+    dense_in_moe, moe_in_dense, router_errors = [], [], []
     for fname in files:
         header = read_header(fname)
         shards.append((fname, header))
@@ -137,12 +137,14 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
             hf_want = tuple(reversed(want)) if tr else tuple(want)
             if tuple(info.shape) != hf_want:
                 if dst == ("moe", "expert_bias"):
-                    raise CheckpointError(f"router bias {name} in {base} has shape {tuple(info.shape)}, expected "
-                                          f"({E},) = (num_experts,) as config.json says num_experts={E}")
+                    router_errors.append(f"router bias {name} in {base} has shape {tuple(info.shape)}, expected "
+                                         f"({E},) = (num_experts,) as config.json says num_experts={E}")
+                    continue
                 if dst == ("moe", "router"):
-                    raise CheckpointError(f"router {name} in {base} has shape {tuple(info.shape)}, expected "
-                                          f"{hf_want} = (num_experts, hidden_size) as config.json says "
-                                          f"num_experts={E}")
+                    router_errors.append(f"router {name} in {base} has shape {tuple(info.shape)}, expected "
+                                         f"{hf_want} = (num_experts, hidden_size) as config.json says "
+                                         f"num_experts={E}")
+                    continue
                 raise CheckpointError(f"tensor {name} in {base} has shape {tuple(info.shape)}, expected {hf_want} "
                                       f"for this config")
             dest[name] = (dst, idx, tr)
@@ -152,6 +154,8 @@ def plan_checkpoint(path: str, cfg: ModelConfig) -> CheckpointPlan:
         raise CheckpointError(f"checkpoint {path!r} has {e + 1} experts in layer {li} "
                               f"(model.layers.{li}.mlp.experts.{e}...), but config.json says num_experts={E}: the "
                               "config does not describe this checkpoint")
+    if router_errors:  # (after the expert count: more experts than the config also gives a bigger router)
+        raise CheckpointError(router_errors[0])
     if dense_in_moe or moe_in_dense:
         bad = (dense_in_moe or moe_in_dense)[:4]
         raise CheckpointError(f"checkpoint {path!r} does not match first_k_dense_replace={Ld} of config.json: "

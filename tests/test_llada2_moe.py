@@ -124,3 +124,80 @@ def test_window_forward_equals_full_forward(model, gold):
     win, _ = llada2_moe.forward_window(model.params, cfg, ids[:, 64:], jnp.array([64], jnp.int32),
                                        jnp.ones((1, 32), bool), kv, pos, jnp.ones((1, 96), bool))
     np.testing.assert_allclose(np.asarray(win), np.asarray(full[:, 64:]), atol=TOL)
+
+
+# ------------------------------------------------------------------------------------ checkpoint reader errors
+
+def _bad_checkpoint(fixtures, tmp_path, edit_tensors=None, edit_config=None):
+    src = tmp_path / "bad"
+    shutil.copytree(fixtures / "llada2_tiny", src)
+    if edit_tensors:
+        t = load_file(str(src / "model.safetensors"))
+        edit_tensors(t)
+        save_file(t, str(src / "model.safetensors"))
+    if edit_config:
+        c = json.loads((src / "config.json").read_text())
+        edit_config(c)
+        (src / "config.json").write_text(json.dumps(c))
+    return src
+
+
+def _drop_experts(t):
+    for k in [k for k in t if ".mlp.experts." in k]:
+        del t[k]
+
+
+def _drop_one_expert(t):
+    for k in [k for k in t if ".mlp.experts.7." in k]:
+        del t[k]
+
+
+def _bad_bias(t):
+    t["model.layers.2.mlp.gate.expert_bias"] = np.zeros((7,), np.float32)
+
+
+def _fewer_experts_in_config(c):
+    c.update(num_experts=4, n_group=2, topk_group=1)
+
+
+BAD = {
+    "experts_missing": (_drop_experts, None, "missing 48 expert tensor(s): config.json says num_experts=8"),
+    "one_expert_missing": (_drop_one_expert, None, "but layer 1 has 7 of them"),
+    "wrong_expert_count": (None, _fewer_experts_in_config, "has 8 experts in layer 1"),
+    "router_bias_shape": (_bad_bias, None, "router bias model.layers.2.mlp.gate.expert_bias in model.safetensors "
+                                           "has shape (7,), expected (8,) = (num_experts,)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_moe_checkpoint_one_clear_error_nothing_written(fixtures, tmp_path, kind):
+    from convert.hf_to_flax import main as convert_main
+    from dllm_jax.hf_weights import CheckpointError
+
+    edit_t, edit_c, msg = BAD[kind]
+    src = _bad_checkpoint(fixtures, tmp_path, edit_t, edit_c)
+    with pytest.raises(CheckpointError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        dllm_jax.load(str(src))
+    out = tmp_path / "out" / "conv"
+    assert convert_main([str(src), str(out), "--no-progress"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_then_restore_equals_hf_load_and_int8_converts(fixtures, tmp_path, model, gold):
+    from convert.hf_to_flax import main as convert_main
+
+    cfg = model.cfg.replace(block_causal=32)
+    ids = jnp.asarray(gold["input_ids"])
+    ref, _ = llada2_moe.forward(model.params, cfg, ids)
+    assert convert_main([str(fixtures / "llada2_tiny"), str(tmp_path / "f32"), "--no-progress"]) == 0
+    m2 = dllm_jax.load(str(tmp_path / "f32"))
+    assert m2.cfg == model.cfg
+    got, _ = llada2_moe.forward(m2.params, cfg, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert convert_main([str(fixtures / "llada2_tiny"), str(tmp_path / "q8"), "--quantize", "int8",
+                         "--no-progress"]) == 0
+    m3 = dllm_jax.load(str(tmp_path / "q8"))
+    mq = dllm_jax.load(str(fixtures / "llada2_tiny"), quantize="int8")
+    assert isinstance(m3.params["moe"]["w_gate"], quant.QArray)
+    for a, b in zip(jax.tree.leaves(m3.params), jax.tree.leaves(mq.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # streamed int8 == quantized after loading

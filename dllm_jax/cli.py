@@ -1,4 +1,4 @@
-"""`dllm-jax` command line: generate, convert, conformance, train, eval, bench."""
+"""`dllm-jax` command line: generate, convert, conformance, train, eval, bench, serve."""
 
 from __future__ import annotations
 
@@ -258,7 +258,8 @@ _DELEGATED = {"convert": ("convert.hf_to_flax", "convert an HF checkpoint to the
               "conformance": ("dllm_jax.conformance", "run golden-format cases"),
               "train": ("dllm_jax.train", "train the embedded default model"),
               "eval": ("dllm_jax.evaluate", "evaluate schedules on the task suite"),
-              "bench": ("dllm_jax.bench", "efficiency benchmark")}
+              "bench": ("dllm_jax.bench", "efficiency benchmark"),
+              "serve": ("dllm_jax.serve.server", "OpenAI-compatible streaming server (continuous batching)")}
 
 
 def _maybe_compilation_cache() -> None:

@@ -1,0 +1,132 @@
+"""`dllm-jax serve`: an OpenAI-compatible streaming server with continuous batching on the jitted loop.
+
+    dllm-jax serve [--model DIR] [--schedule P --set K=V ...] [--slots N] [--host H --port N] [--mesh data=2]
+
+Loads the model (the embedded default model unless --model), compiles the loop program of every (prompt bucket,
+generation bucket) of the schedule (compile cache warmed before the port opens), then serves with uvicorn.
+SIGTERM/SIGINT: stop accepting, finish the requests in flight, exit 0.
+
+ASGI stack: FastAPI (Starlette) + uvicorn, the most used and maintained Python pair; Starlette's StreamingResponse
+gives SSE and notices client disconnects, uvicorn gives graceful shutdown on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _ints(spec: str, what: str) -> tuple:
+    try:
+        vals = tuple(sorted({int(v) for v in spec.split(",") if v.strip()}))
+    except ValueError:
+        raise ValueError(f"--{what} expects comma-separated integers, got {spec!r}") from None
+    if not vals or vals[0] <= 0:
+        raise ValueError(f"--{what} needs positive integers, got {spec!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dllm-jax serve", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="checkpoint directory (default: the embedded model)")
+    ap.add_argument("--model-id", help="the model name clients send (default: the directory name; "
+                                       "'dllm-jax-default' for the embedded model)")
+    ap.add_argument("--schedule", default="vanilla", help="default preset (requests may name another)")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="preset argument (repeatable)")
+    ap.add_argument("--slots", type=int, default=8, help="rows per compiled program (concurrent requests per "
+                                                        "bucket)")
+    ap.add_argument("--prompt-buckets", default="32,64,128", help="prompt lengths compiled (multiples of 32, as "
+                                                                   "`generate` pads a prompt alone)")
+    ap.add_argument("--gen-buckets", default="32,64,128", help="generation lengths compiled; max_tokens is rounded "
+                                                                "up to the next one")
+    ap.add_argument("--default-max-tokens", type=int, default=64)
+    ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
+    ap.add_argument("--chunk", type=int, default=8, help="loop iterations per device call")
+    ap.add_argument("--no-compile-on-demand", action="store_true",
+                    help="answer 400 to settings that need a program not compiled at start (default: compile it)")
+    ap.add_argument("--max-programs", type=int, default=32)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--mesh", help="device mesh, e.g. data=2 (slots split over data)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--log-level", default="warning")
+    return ap
+
+
+def make_server(a):
+    import dllm_jax
+    from dllm_jax.cli import default_model_path, parse_mesh, parse_set
+    from dllm_jax.serve.app import ApiError, ServeConfig, Server
+
+    path = a.model or default_model_path()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model {path!r} not found")
+    settings = parse_set(a.set)
+    p_buckets = _ints(a.prompt_buckets, "prompt-buckets")
+    g_buckets = _ints(a.gen_buckets, "gen-buckets")
+    if any(p % 32 for p in p_buckets):
+        raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
+    if a.slots < 1 or a.max_queue < 0 or a.chunk < 1:
+        raise ValueError("--slots and --chunk must be >= 1 and --max-queue >= 0")
+    mesh = parse_mesh(a.mesh)
+    model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh)
+    if p_buckets[-1] + g_buckets[-1] > model.cfg.max_seq_len:
+        raise ValueError(f"the largest prompt bucket {p_buckets[-1]} + gen bucket {g_buckets[-1]} exceeds the "
+                         f"model's maximum length {model.cfg.max_seq_len}")
+    tok = None
+    if model.tokenizer_path is not None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model.tokenizer_path)
+    model_id = a.model_id or ("dllm-jax-default" if a.model is None else os.path.basename(os.path.normpath(path)))
+    cfg = ServeConfig(model=model, tokenizer=tok, model_id=model_id, schedule=a.schedule, settings=settings,
+                      prompt_buckets=p_buckets, gen_buckets=g_buckets, slots=a.slots,
+                      default_max_tokens=a.default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
+                      max_programs=a.max_programs, mesh=mesh)
+    server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk})
+    try:
+        n, secs = server.warm()
+    except ApiError as e:
+        raise ValueError(f"--schedule {a.schedule} {settings or ''}: {e.message}") from None
+    return server, n, secs
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        server, n, secs = make_server(a)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from dllm_jax.serve.app import create_app
+
+    app = create_app(server)
+    server.batcher.start()
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after its graceful shutdown; we exit normally after the drain
+            getattr(self, "_captured_signals", []).clear()
+
+    config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None)
+    userver = _Uvicorn(config)
+    print(f"[serve] {server.cfg.model_id}: schedule {a.schedule} {server.cfg.settings or ''}, {a.slots} slots x "
+          f"{n} programs (prompt buckets {list(server.cfg.prompt_buckets)}, gen buckets "
+          f"{list(server.cfg.gen_buckets)}) compiled in {secs:.1f}s; http://{a.host}:{a.port}", file=sys.stderr,
+          flush=True)
+    t0 = time.perf_counter()
+    userver.run()  # returns after SIGTERM/SIGINT once open connections (streams in flight) have finished
+    server.batcher.stop()
+    snap = server.batcher.snapshot()
+    print(f"[serve] stopped after {time.perf_counter() - t0:.1f}s: {snap['counts']}, {snap['in_flight']} in flight",
+          file=sys.stderr, flush=True)
+    return 0 if server.batcher.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -82,7 +82,7 @@ PROMPT_KINDS = {"short": 40, "long": 900}
 DEFAULT_SCHEDULES = ("vanilla", "dual", "threshold", "dual_threshold", "ar", "bd")
 
 PRESETS: dict[str, dict] = {
-    # the CI-sized sweep: tiny golden LLaDA unless weights are given
+    # the CI-sized sweep: the embedded default model unless weights are given
     "quick": dict(gen_lengths=[64, 128], prompts=["short"], batch_sizes=[1, 4], schedules=list(DEFAULT_SCHEDULES),
                   repeats=1, grid="star", base_gen=64),
     # CPU runs committed under docs/benchmarks
@@ -867,7 +867,9 @@ def _prompts(s: str) -> dict:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="dllm-jax bench", description=__doc__.split("\n\n")[0],
+    from dllm_jax.cli import ArgParser
+
+    ap = ArgParser(prog="dllm-jax bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named grid (explicit options override it)")
     w = ap.add_mutually_exclusive_group()
@@ -895,7 +897,7 @@ def parse_args(argv):
     ap.add_argument("--project", default="llada-8b,dream-7b",
                     help="shapes (comma-separated, '' for none) to project this run's forward patterns onto under "
                          "the roofline (bf16 bounds, computed)")
-    ap.add_argument("--out", help="output directory (default docs/benchmarks/<machine>_<weights>)")
+    ap.add_argument("--out", help="output directory (default: a new ./bench_<machine>_<weights>_<time> directory)")
     ap.add_argument("--name", help="machine label (default: detected)")
     ap.add_argument("--under-load", action="store_true", help="say in the report that the machine was shared")
     ap.add_argument("--no-plots", action="store_true")
@@ -917,7 +919,12 @@ def load_weights(a):
         cfg = shape_config(a.shape)
         params = transformer.init_params(cfg, jax.random.key(a.seed), dtype=getattr(jax.numpy, dtype))
         return Model(cfg, params), f"random:{a.shape}", True, a.shape
-    path = a.model or _repo_fixture("llada_tiny")
+    from dllm_jax.cli import default_model_path
+
+    path = a.model or default_model_path()
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--model {a.model!r}: no such checkpoint directory (give an HF or converted "
+                                f"checkpoint dir, or leave --model out for the embedded default model)")
     model = dllm_jax.load(path, dtype=dtype)
     label = os.path.basename(os.path.normpath(path))
     shown = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
@@ -983,7 +990,9 @@ def main(argv=None) -> int:
     groups = grid(cfg["gen_lengths"], list(prompt_lengths), cfg["batch_sizes"], schedules, cfg["grid"],
                   a.base_gen or cfg.get("base_gen"))
     wslug = re.sub(r"[^a-z0-9]+", "-", wlabel.lower())
-    out_dir = a.out or os.path.join("docs", "benchmarks", f"{info['slug']}_{wslug}")
+    # never into an existing directory by default (run from the repository root, docs/benchmarks/... would
+    # overwrite the committed results): a fresh, time-stamped directory under the current one
+    out_dir = a.out or f"bench_{info['slug']}_{wslug}_{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     # finished points are streamed to OUT.partial.jsonl (one JSON line each, flushed) so a run stopped by a time limit
     # keeps what it measured; the file is removed once the complete outputs are written

@@ -14,6 +14,27 @@ def default_model_path() -> str:
     return here
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors: `prog: error: ... (see prog --help)` instead of the whole usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def quiet_transformers() -> None:
+    """We never need PyTorch: keep transformers from announcing on every command that it is missing."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def user_error(e: BaseException) -> bool:
+    """Errors caused by the input or the machine (shown as one line), as opposed to bugs (shown with a traceback)."""
+    if isinstance(e, (ValueError, OSError)):
+        return True
+    from pallas_kernels.block_attention.api import KernelUnavailableError
+
+    return isinstance(e, KernelUnavailableError)
+
+
 def _parse_value(v: str):
     low = v.lower()
     if low in ("none", "null"):
@@ -123,6 +144,9 @@ def cmd_generate(a) -> int:
         prompts = a.prompt or []
         if not prompts:
             raise ValueError("give a prompt: dllm-jax generate \"your question\"")
+        if any(not p.strip() for p in prompts):
+            raise ValueError("the prompt is empty: give the text to answer, e.g. dllm-jax generate \"What is 12 + 35?\"")
+        warn_unknown_chars(tok, prompts)
         rows = []
         for p in prompts:
             if not a.no_chat and getattr(tok, "chat_template", None):
@@ -166,6 +190,24 @@ def cmd_generate(a) -> int:
     return 0
 
 
+def warn_unknown_chars(tok, prompts) -> list:
+    """Warn (stderr) about prompt characters the tokenizer can only encode as its unknown token; returns them."""
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return []
+    bad = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        if unk in ids:
+            bad += [c for c in dict.fromkeys(p) if unk in tok(c, add_special_tokens=False)["input_ids"]]
+    bad = list(dict.fromkeys(bad))
+    if bad:
+        shown = " ".join(repr(c) for c in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        print(f"warning: {len(bad)} character(s) of the prompt are not in this model's vocabulary and are read as "
+              f"{tok.unk_token!r}: {shown}", file=sys.stderr)
+    return bad
+
+
 def render_steps(gen_ids, step_of, piece, eos_id=None, mask_char="\u00b7", color=False, max_lines=400):
     """The denoising as text, one line per loop iteration: the canvas after that iteration (masks as `mask_char`),
     the positions committed at it marked (bold green with `color`, else in [brackets]), and how many there were.
@@ -199,16 +241,24 @@ def render_steps(gen_ids, step_of, piece, eos_id=None, mask_char="\u00b7", color
 
 
 def cmd_presets(a) -> int:
-    from dllm_jax.presets import PRESETS
+    import shutil
+    import textwrap
 
-    for name, fn in sorted(PRESETS.items()):
-        doc = (fn.__doc__ or "").strip().split("\n")[0]
-        print(f"{name:28s} {doc}")
+    from dllm_jax.presets import PRESETS, describe
+
+    width = max(60, min(shutil.get_terminal_size((120, 24)).columns, 140))
+    for name in sorted(PRESETS):
+        text = textwrap.fill(describe(name) or "(no description)", width=width, initial_indent=f"{name:26s} ",
+                             subsequent_indent=" " * 27)
+        print(text)
+    print("\nArguments of a preset: python -c \"from dllm_jax.presets import preset_args; print(preset_args('NAME'))\"; "
+          "set them with --set KEY=VALUE.")
     return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dllm-jax", description="Diffusion-LLM inference in JAX")
+    quiet_transformers()
+    ap = ArgParser(prog="dllm-jax", description="Diffusion-LLM inference in JAX")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     g = sub.add_parser("generate", help="generate text (default: the embedded model)")
@@ -248,7 +298,9 @@ def main(argv=None) -> int:
     _maybe_compilation_cache()
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - input errors are one line; anything else is a bug: re-raised
+        if not user_error(e):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -279,7 +331,16 @@ def _delegate(cmd: str, rest: list) -> int:
     except ImportError as e:
         print(f"error: `dllm-jax {cmd}` is not available ({e})", file=sys.stderr)
         return 2
-    return int(mod.main(rest) or 0)
+    try:
+        return int(mod.main(rest) or 0)
+    except KeyboardInterrupt:
+        print(f"dllm-jax {cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - as in main(): input errors are one line, bugs keep their traceback
+        if not user_error(e):
+            raise
+        print(f"dllm-jax {cmd}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

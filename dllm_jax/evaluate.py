@@ -305,7 +305,9 @@ def _plot(results, path):
 def main(argv=None) -> int:
     from dllm_jax.cli import model_defaults, parse_set
 
-    ap = argparse.ArgumentParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
+    from dllm_jax.cli import ArgParser
+
+    ap = ArgParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")
     ap.add_argument("--lora", metavar="ADAPTER", help="PEFT LoRA adapter merged into an HF checkpoint at load")
     ap.add_argument("--block-causal", type=int, default=0, metavar="N",

@@ -160,10 +160,23 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
              bucket: bool = True, trace: bool = False, mesh=None) -> GenerateOutput:
     """Generate with one jitted program (a lax.while_loop over the whole denoising process).
 
+    model: `dllm_jax.load(...)`. schedule: `presets.make_schedule(name, gen_length, model.cfg, ...)` (or any
+    Schedule). gen_length: generated positions G; block schedules need G divisible by their block length
+    (make_schedule checks it and says which lengths would do), and a block-causal model's block must divide it.
     prompt_ids: a list of token lists (any lengths) or a [B, T] array (with `attention_mask` for left padding).
     Prompts are left-padded to a common length, bucketed to a multiple of 32 unless bucket=False, so prompts of the
     same bucket reuse the compiled program. seed: an int (row b uses seed + b) or one seed per row; with a per-row
     seed a row's sampled output does not depend on the rest of the batch.
+    trace: also record, per loop iteration and row, whether it was a full forward, the window [s, e), the tokens
+    committed, and per position the iteration that filled it (`out.trace` = {"full", "s", "e", "n": [iters, B],
+    "step_of": [B, P + G]}; what `dllm-jax generate --show-steps` renders). mesh: a jax Mesh (see
+    `sharding.mesh_from_spec`): params and the batch are placed on it and the program is compiled with shardings;
+    tokens and NFE equal the single-device run.
+
+    Returns GenerateOutput: sequences [B, P + G] (left-padded prompt bucket + generation), generated [B, G],
+    prompt_len P, nfe [B] (forwards each row took part in), gen_lengths [B] (tokens before the first EOS, else G),
+    compile_time_s (0 when the program was cached), run_time_s, loop_iterations, unfinished [B] (rows stopped by
+    the schedule's max_nfe bound; all False normally), trace.
     """
     if getattr(schedule.window, "rows_per_request", 1) > 1:
         # a request is several rows (BlockBatch branches): its runner expands the requests and returns the winners

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -31,11 +32,25 @@ def _blocks(gen_length, block_length, steps):
     if block_length is None:
         block_length = gen_length
     if block_length <= 0 or gen_length % block_length:
-        raise PresetError(f"gen_length ({gen_length}) must be divisible by block_length ({block_length})")
+        raise PresetError(_block_hint(gen_length, block_length))
     nb = gen_length // block_length
     if steps is not None and (steps <= 0 or steps % nb):
         raise PresetError(f"steps ({steps}) must be a positive multiple of the number of blocks ({nb})")
     return block_length, nb
+
+
+def _block_hint(gen_length, block_length) -> str:
+    """gen_length/block_length mismatch, with the block lengths and gen lengths that would do."""
+    msg = f"gen_length ({gen_length}) must be divisible by block_length ({block_length})"
+    divs = [d for d in range(min(gen_length, 256), 1, -1) if gen_length % d == 0][:4] if gen_length > 0 else []
+    if divs:
+        msg += f": use --block-length {' / '.join(map(str, divs))}"
+    if block_length and block_length > 0:
+        lo = max(block_length, gen_length // block_length * block_length)
+        hi = -(-gen_length // block_length) * block_length
+        alts = sorted({lo, hi} - {gen_length})
+        msg += f"{' or' if divs else ': use'} --gen-length {' / '.join(map(str, alts))}"
+    return msg
 
 
 def _eos_sampler(mcfg: ModelConfig | None, confidence, temperature, logits_eos_inf, confidence_eos_eot_inf,
@@ -85,6 +100,9 @@ def llada(gen_length, *, steps=None, block_length=None, temperature=0.0, cfg_sca
 
 
 def vanilla(gen_length, *, block_length=32, **kw) -> Schedule:
+    """One token per forward: LLaDA `generate` with steps = gen_length over blocks of 32 (the quality baseline).
+
+    Takes LLaDA's arguments but `steps`; a block longer than the generation is cut to it."""
     bl = min(block_length, gen_length)
     return llada(gen_length, steps=gen_length, block_length=bl, **kw).replace(name="vanilla")
 
@@ -104,14 +122,19 @@ def _fastdllm(cache, name, gen_length, *, steps=None, block_length=None, tempera
 
 
 def fastdllm(gen_length, **kw):
+    """Fast-dLLM v1 LLaDA `generate` (no cache): fixed blocks, top-k quota, or `threshold` / `factor` parallel decoding.
+
+    Arguments: steps, block_length, temperature, remasking, threshold, factor, eos_early_stop."""
     return _fastdllm(NoCache(), "fastdllm", gen_length, **kw)
 
 
 def fastdllm_prefix(gen_length, **kw):
+    """Fast-dLLM v1 `generate_with_prefix_cache`: as fastdllm, the prefix KV cache refreshed once per block."""
     return _fastdllm(PrefixCache(), "fastdllm_prefix", gen_length, **kw)
 
 
 def fastdllm_dual(gen_length, **kw):
+    """Fast-dLLM v1 `generate_with_dual_cache`: as fastdllm, prefix and suffix KV cached, the block recomputed."""
     return _fastdllm(DualCache(), "fastdllm_dual", gen_length, **kw)
 
 
@@ -139,6 +162,7 @@ def dream(gen_length, *, steps=None, alg="maskgit_plus", eps=1e-3, temperature=0
 
 def fastdllm_dream_threshold(gen_length, *, steps=None, threshold=0.9, temperature=0.0, top_p=None, top_k=None,
                              eos_early_stop=False, model_cfg=None):
+    """Fast-dLLM Dream `diffusion_generate` with alg='confidence_threshold' (no cache, shifted logits)."""
     steps = gen_length if steps is None else steps
     if steps <= 0 or gen_length % steps:
         raise PresetError(f"confidence_threshold needs gen_length ({gen_length}) divisible by steps ({steps})")
@@ -172,10 +196,12 @@ def _fastdllm_dream_block(dual, gen_length, *, steps=None, block_length=32, alg=
 
 
 def fastdllm_dream_prefix(gen_length, **kw):
+    """Fast-dLLM Dream block decoding with the prefix cache (threshold rule per block, shifted logits)."""
     return _fastdllm_dream_block(False, gen_length, **kw)
 
 
 def fastdllm_dream_dual(gen_length, **kw):
+    """Fast-dLLM Dream block decoding with the dual cache (prefix and suffix cached, shifted logits)."""
     return _fastdllm_dream_block(True, gen_length, **kw)
 
 
@@ -672,10 +698,85 @@ PRESETS: dict[str, Callable[..., Schedule]] = {
 }
 
 
-def make_schedule(name: str, gen_length: int, model_cfg: ModelConfig | None = None, **kw) -> Schedule:
-    """Build a preset by name; errors name the bad argument before anything is compiled."""
+# wrappers that forward **kw to another preset function: (target, arguments the wrapper fixes itself)
+vanilla.preset_target, vanilla.preset_fixed = llada, ("steps",)
+for _f in (fastdllm, fastdllm_prefix, fastdllm_dual):
+    _f.preset_target = _fastdllm
+for _targets, _target in (((fastdllm_dream_prefix, fastdllm_dream_dual), _fastdllm_dream_block),
+                          ((adablock, adablock_prefix, adablock_dual), _adablock),
+                          ((adablock_dream, adablock_dream_dual), _adablock_dream),
+                          ((blockbatch, blockbatch_rms, blockbatch_dream), _blockbatch)):
+    for _f in _targets:
+        _f.preset_target = _target
+# arguments whose default is None but that take a number
+_NUMERIC = frozenset({"threshold", "factor", "steps", "block_length", "top_p", "top_k", "temperature", "eps"})
+
+
+def _fn_args(fn) -> dict | None:
+    """Keyword arguments (name -> default) a preset function takes; None when it forwards **kw it cannot name."""
+    out, open_kw = {}, False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            open_kw = True
+        elif p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.default is not p.empty):
+            out[p.name] = p.default
+    if open_kw:
+        target = getattr(fn, "preset_target", None)
+        inner = _fn_args(target) if target is not None else None
+        if inner is None:
+            return None
+        for k in getattr(fn, "preset_fixed", ()):
+            inner.pop(k, None)
+        out = {**inner, **out}
+    out.pop("model_cfg", None)
+    return out
+
+
+def preset_args(name: str) -> dict | None:
+    """The arguments preset `name` takes, name -> default (None if the preset cannot list them)."""
     if name not in PRESETS:
         raise PresetError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
-    if not isinstance(gen_length, int) or gen_length <= 0:
+    return _fn_args(PRESETS[name])
+
+
+def describe(name: str) -> str:
+    """The first paragraph of preset `name`'s docstring, on one line."""
+    doc = inspect.getdoc(PRESETS[name]) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def _check_args(name: str, kw: dict) -> None:
+    accepted = preset_args(name)
+    if accepted is None:
+        return
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        others = sorted(n for n in PRESETS if n != name and set(unknown) <= set(_fn_args(PRESETS[n]) or ()))
+        hint = f"; presets that take {', '.join(unknown)}: {', '.join(others)}" if others else ""
+        raise PresetError(f"preset {name!r} does not take {', '.join(unknown)}; it takes: "
+                          f"{', '.join(sorted(accepted))}{hint}")
+    for k, v in kw.items():
+        d = accepted[k]
+        if isinstance(d, bool) and not isinstance(v, bool):
+            raise PresetError(f"{name}: {k} must be true or false, got {v!r}")
+        numeric = (isinstance(d, (int, float)) and not isinstance(d, bool)) or (d is None and k in _NUMERIC)
+        if numeric and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise PresetError(f"{name}: {k} must be a number, got {v!r}")
+
+
+def make_schedule(name: str, gen_length: int, model_cfg: ModelConfig | None = None, **kw) -> Schedule:
+    """Build the schedule of preset `name` for `gen_length` generated tokens.
+
+    name: a key of PRESETS (`dllm-jax presets` lists them with what each reproduces); gen_length: the number of
+    generated positions (most presets need it divisible by their block length); model_cfg: the loaded model's
+    config (EOS/EOT ids, block-causal attention, logit shift); kw: the preset's own arguments (`preset_args(name)`
+    lists them with their defaults), e.g. block_length, steps, threshold, temperature, cache.
+
+    Every argument is checked here, before anything is compiled: an unknown argument, a value of the wrong type
+    or an impossible combination raises PresetError naming it and what would do."""
+    if name not in PRESETS:
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+    if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length <= 0:
         raise PresetError(f"gen_length must be a positive integer, got {gen_length!r}")
+    _check_args(name, kw)
     return PRESETS[name](gen_length, model_cfg=model_cfg, **kw).replace(gen_length=gen_length)

@@ -507,7 +507,9 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
         argv = argv[1:]
-    ap = argparse.ArgumentParser(prog="dllm-jax train", description="Train the embedded default diffusion LM")
+    from dllm_jax.cli import ArgParser
+
+    ap = ArgParser(prog="dllm-jax train", description="Train the embedded default diffusion LM")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
     ap.add_argument("--out", required=True, help="output dir for the converted model + tokenizer")
     ap.add_argument("--steps", type=int, default=None, help="number of optimiser steps (default: the preset's)")

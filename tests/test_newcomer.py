@@ -102,3 +102,21 @@ def test_make_schedule_and_generate_are_documented():
     gdoc = generate.__doc__
     for word in ("sequences", "nfe", "gen_lengths", "trace", "mesh", "block"):
         assert word in gdoc, word
+
+
+def test_ci_runs_the_readme_commands_and_checks_the_answer():
+    sys.path.insert(0, os.path.join(ROOT, ".ci"))
+    try:
+        import newcomer
+    finally:
+        sys.path.pop(0)
+    main_cmd, test_cmd = newcomer.readme_commands()
+    assert main_cmd.startswith("pip install -e . && dllm-jax generate")  # no extras for the main job
+    assert "pytest" in test_cmd and '".[test]"' in test_cmd
+    cmd = 'dllm-jax generate "Sort the digits: 3120"'
+    stats = "[vanilla] NFE [64]  generated 4 tokens  run 0.1s (40.0 tok/s)  compile 1.00s"
+    newcomer.check_main_output(cmd, "Successfully installed dllm-jax\n0123\n", stats)
+    for out, err in [("0132\n", stats), ("", stats), ("0123\n", "Traceback (most recent call last):\n" + stats),
+                     ("0123\n", "no stats")]:
+        with pytest.raises(SystemExit):
+            newcomer.check_main_output(cmd, out, err)

@@ -21,10 +21,10 @@ def model():
     return dllm_jax.load(default_model_path())
 
 
-def _serve_all(model, sched, prompts, seeds, n_slots, chunks, cancel=()):
+def _serve_all(model, sched, prompts, seeds, n_slots, chunks, cancel=(), batch_sizes=None):
     """Feed `prompts` through a SlotGroup with refills between chunks of the sizes `chunks` (cycled); requests in
     `cancel` are dropped after their first chunk. Returns {request: (gen, nfe, capped)} of the completed ones."""
-    grp = SlotGroup(model, sched, 32, G, n_slots)
+    grp = SlotGroup(model, sched, 32, G, n_slots, batch_sizes=batch_sizes)
     waiting, done, k, started = list(range(len(prompts))), {}, 0, set()
     for _ in range(1000):
         for b in grp.free_slots():
@@ -65,14 +65,18 @@ def test_slots_equal_standalone_generate(model, preset, kw):
         assert nfe == int(ref.nfe[0]) and capped == bool(ref.unfinished[0])
 
 
-def test_chunk_size_and_slot_count_do_not_change_tokens(model):
+def test_chunk_size_slot_count_and_physical_batch_do_not_change_tokens(model):
     sched = make_schedule("fastdllm", G, model.cfg, block_length=8, threshold=0.8)
     seeds = list(range(len(PROMPTS)))
     a, _ = _serve_all(model, sched, PROMPTS, seeds, n_slots=2, chunks=[100])
     b, grp = _serve_all(model, sched, PROMPTS, seeds, n_slots=4, chunks=[1, 2])
+    c, _ = _serve_all(model, sched, PROMPTS, seeds, n_slots=4, chunks=[3], cancel={2}, batch_sizes=[1, 2])
+    assert sorted(c) == sorted(r for r in a if r != 2)
     for r in a:
-        np.testing.assert_array_equal(a[r][0], b[r][0])
-        assert a[r][1] == b[r][1]
+        for other in (b, c):
+            if r in other:
+                np.testing.assert_array_equal(a[r][0], other[r][0])
+                assert a[r][1] == other[r][1]
     assert grp.busy() == 0 and not any(v.active for v in grp.last_view)
 
 

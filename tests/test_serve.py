@@ -32,7 +32,7 @@ SETTINGS = {"block_length": 8, "threshold": 0.8, "temperature": 0.7}
 GEN_BUCKETS = (16, 32)
 SERVER_ARGS = ["--schedule", "fastdllm_dual", "--set", "block_length=8", "--set", "threshold=0.8", "--set",
                "temperature=0.7", "--prompt-buckets", "32,64", "--gen-buckets", "16,32", "--slots", "4",
-               "--max-queue", "16", "--chunk", "2"]
+               "--max-queue", "16", "--chunk", "2", "--batch-sizes", "none"]
 
 
 def _free_port():
@@ -130,7 +130,7 @@ def test_models_health_and_metrics(server):
     assert [m.id for m in _client(server).models.list().data] == [MODEL]
     m = _metrics(server)
     assert m["dllm_slots_total"] == 4 * 2 * 2  # 4 slots x 2 prompt buckets x 2 gen buckets, compiled at start
-    assert m["dllm_compilations_total"] == 4
+    assert m["dllm_compilations_total"] == 4  # one batch size (4) per group (the smaller ones: tests/test_continuous.py)
 
 
 def test_openai_client_chat_and_completions(server, ref):

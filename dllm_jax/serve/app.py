@@ -50,6 +50,7 @@ class ServeConfig:
     compile_on_demand: bool = True
     max_programs: int = 32
     mesh: object = None
+    batch_sizes: tuple = ()  # physical batch sizes compiled per group besides `slots` (SlotGroup)
 
 
 class Server:
@@ -112,7 +113,8 @@ class Server:
 
         preset, settings = self.specs[key]
         P, G = key[2], key[3]
-        return SlotGroup(self.cfg.model, self._schedule(preset, settings, G), P, G, self.cfg.slots, self.cfg.mesh)
+        return SlotGroup(self.cfg.model, self._schedule(preset, settings, G), P, G, self.cfg.slots, self.cfg.mesh,
+                         batch_sizes=self.cfg.batch_sizes)
 
     def warm(self) -> tuple[int, float]:
         keys = []

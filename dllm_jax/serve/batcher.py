@@ -90,11 +90,13 @@ class Batcher:
 
     make_group(key) -> SlotGroup builds the group of a key (the app knows schedules and buckets); decode(ids) -> str.
     chunk: loop iterations per device call (the host gets control back at least this often to stream and refill).
+    static: static batching instead of continuous (a baseline for benchmarks/serve_load.py).
     """
 
     def __init__(self, make_group: Callable, decode: Callable, eos_id: int, mask_id: int, max_queue: int = 256,
-                 chunk: int = 8):
+                 chunk: int = 8, static: bool = False):
         self.make_group, self.decode = make_group, decode
+        self.static = static  # baseline for benchmarks: refill a group only once all its slots are free
         self.eos_id, self.mask_id = eos_id, mask_id
         self.max_queue, self.chunk = max_queue, chunk
         self.groups: dict = {}
@@ -190,7 +192,8 @@ class Batcher:
                 if r is not None and r.cancelled:
                     self._finish(r, "cancelled", g, b)
         keep = collections.deque()
-        free = {k: g.free_slots() for k, g in self.groups.items()}
+        # static batching (benchmark baseline): a group takes new requests only when it is empty
+        free = {k: g.free_slots() if not self.static or g.busy() == 0 else [] for k, g in self.groups.items()}
         while self.waiting:
             r = self.waiting.popleft()
             if r.cancelled:
@@ -203,7 +206,7 @@ class Batcher:
                     r.emit({"error": str(e)})
                     self._finish(r, "error")
                     continue
-                free[r.group_key] = g.free_slots()
+                free[r.group_key] = g.free_slots() if not self.static or g.busy() == 0 else []
             f = free[r.group_key]
             if f:
                 self.groups[r.group_key].load(f.pop(0), r.prompt_ids, r.seed, r)

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="preset argument (repeatable)")
     ap.add_argument("--slots", type=int, default=8, help="rows per compiled program (concurrent requests per "
                                                         "bucket)")
+    ap.add_argument("--batch-sizes", default="auto",
+                    help="physical batch sizes compiled below --slots (a chunk runs the occupied slots in the smallest "
+                         "that holds them; idle slots then cost no compute); auto: powers of two, 'none': only --slots")
     ap.add_argument("--prompt-buckets", default="32,64,128", help="prompt lengths compiled (multiples of 32, as "
                                                                    "`generate` pads a prompt alone)")
     ap.add_argument("--gen-buckets", default="32,64,128", help="generation lengths compiled; max_tokens is rounded "
@@ -44,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--default-max-tokens", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     ap.add_argument("--chunk", type=int, default=8, help="loop iterations per device call")
+    ap.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                    help="static: refill a slot group only when all its requests finished (a benchmark baseline)")
     ap.add_argument("--no-compile-on-demand", action="store_true",
                     help="answer 400 to settings that need a program not compiled at start (default: compile it)")
     ap.add_argument("--max-programs", type=int, default=32)
@@ -70,6 +75,12 @@ def make_server(a):
         raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
     if a.slots < 1 or a.max_queue < 0 or a.chunk < 1:
         raise ValueError("--slots and --chunk must be >= 1 and --max-queue >= 0")
+    if a.batch_sizes == "auto":
+        sizes = tuple(2 ** k for k in range(a.slots.bit_length()) if 2 ** k < a.slots)
+    elif a.batch_sizes == "none":
+        sizes = ()
+    else:
+        sizes = tuple(b for b in _ints(a.batch_sizes, "batch-sizes") if b < a.slots)
     mesh = parse_mesh(a.mesh)
     model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh)
     if p_buckets[-1] + g_buckets[-1] > model.cfg.max_seq_len:
@@ -84,8 +95,8 @@ def make_server(a):
     cfg = ServeConfig(model=model, tokenizer=tok, model_id=model_id, schedule=a.schedule, settings=settings,
                       prompt_buckets=p_buckets, gen_buckets=g_buckets, slots=a.slots,
                       default_max_tokens=a.default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
-                      max_programs=a.max_programs, mesh=mesh)
-    server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk})
+                      max_programs=a.max_programs, mesh=mesh, batch_sizes=sizes)
+    server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk, "static": a.batching == "static"})
     try:
         n, secs = server.warm()
     except ApiError as e:
@@ -115,8 +126,9 @@ def main(argv=None) -> int:
 
     config = uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=None)
     userver = _Uvicorn(config)
-    print(f"[serve] {server.cfg.model_id}: schedule {a.schedule} {server.cfg.settings or ''}, {a.slots} slots x "
-          f"{n} programs (prompt buckets {list(server.cfg.prompt_buckets)}, gen buckets "
+    print(f"[serve] {server.cfg.model_id}: schedule {a.schedule} {server.cfg.settings or ''}, {a.slots} slots (batch "
+          f"sizes {sorted(set(server.cfg.batch_sizes) | {a.slots})}) x {n} groups ({a.batching} batching; "
+          f"prompt buckets {list(server.cfg.prompt_buckets)}, gen buckets "
           f"{list(server.cfg.gen_buckets)}) compiled in {secs:.1f}s; http://{a.host}:{a.port}", file=sys.stderr,
           flush=True)
     t0 = time.perf_counter()

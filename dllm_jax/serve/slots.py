@@ -23,16 +23,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from dllm_jax.engine.context import Ctx
-from dllm_jax.engine.loop import Schedule, init_slots, run_chunk
+from dllm_jax.engine.loop import Schedule, _batch_axis, init_slots, run_chunk
 from dllm_jax.generate import ScheduleError, _dyn_arrays, bucket_length, validate
 
-_STATIC = ("cfg", "sched", "ctx", "kv_sharding")
+_STATIC = ("cfg", "sched", "ctx", "kv_sharding")  # ctx.batch: the physical batch of one chunk
 
 
-def _chunk_impl(params, state, x, key_valid, positions, keys, reset, occupied, max_iters, stop_on_finish, dyn, *,
-                cfg, sched, ctx, kv_sharding=None):
-    return run_chunk(params, cfg, sched.merge_dynamic(dyn), ctx, state, x, key_valid, positions, keys, reset,
-                     occupied, max_iters, stop_on_finish, kv_sharding=kv_sharding)
+def _chunk_impl(params, state, idx, x, key_valid, positions, keys, reset, occupied, max_iters, stop_on_finish, dyn,
+                *, cfg, sched, ctx, kv_sharding=None):
+    """One chunk over the rows `idx` [b] of the group's state (all n slots): those rows are gathered into a batch of
+    b = ctx.batch rows, advanced by `run_chunk`, and written back (rows are independent, so where a row runs does
+    not change its tokens). The per-row inputs x ... occupied are given for the b rows already."""
+    def take(path, a):
+        return a if a.ndim == 0 else jnp.take(a, idx, axis=_batch_axis(path))
+
+    sub = jax.tree_util.tree_map_with_path(take, state)
+    new = run_chunk(params, cfg, sched.merge_dynamic(dyn), ctx, sub, x, key_valid, positions, keys, reset,
+                    occupied, max_iters, stop_on_finish, kv_sharding=kv_sharding)
+
+    def put(path, a, b):
+        if a.ndim == 0:
+            return b
+        ax = _batch_axis(path)
+        return a.at[(slice(None),) * ax + (idx,)].set(b)
+
+    return jax.tree_util.tree_map_with_path(put, state, new)
 
 
 _chunk_jit = jax.jit(_chunk_impl, static_argnames=_STATIC, donate_argnames=("state",))
@@ -70,17 +85,22 @@ class RowView:
 
 
 class SlotGroup:
-    """`n` slots of one (static schedule, dynamic values, P, G) program."""
+    """`n` slots of one (static schedule, dynamic values, P, G) program.
 
-    def __init__(self, model, sched: Schedule, prompt_len: int, gen_length: int, n_slots: int, mesh=None):
+    batch_sizes: the physical batch sizes compiled (default: n). A chunk runs the occupied slots (plus idle ones up
+    to the size) in the smallest compiled size that holds them, so idle slots cost no compute where compute grows
+    with the batch (CPUs); each size is one compiled program."""
+
+    def __init__(self, model, sched: Schedule, prompt_len: int, gen_length: int, n_slots: int, mesh=None,
+                 batch_sizes=None):
         sched = check_schedule(sched)
         cfg = model.cfg
         dummy = [[cfg.pad_token_id]]
         validate(model, dummy * n_slots, gen_length, sched, prompt_len)  # ScheduleError for a bad combination
         self.model, self.sched, self.mesh = model, sched, mesh
         self.P, self.G, self.n = prompt_len, gen_length, n_slots
-        self.ctx = Ctx(batch=n_slots, prompt_len=prompt_len, gen_length=gen_length, mask_id=cfg.mask_token_id,
-                       eos_id=cfg.eos_token_id, pad_id=cfg.pad_token_id)
+        self.sizes = sorted({int(b) for b in (batch_sizes or ()) if 0 < int(b) < n_slots} | {n_slots})
+        self.ctx = self._ctx(n_slots)
         self.static_sched, dyn_values = sched.split_dynamic()
         self.dyn = _dyn_arrays(dyn_values)
         L = prompt_len + gen_length
@@ -90,59 +110,72 @@ class SlotGroup:
         self.valid[:, prompt_len - 1:] = True  # an empty slot holds a one-token dummy prompt (no all-masked row)
         self.positions = np.maximum(np.cumsum(self.valid, axis=1) - 1, 0).astype(np.int32)
         self.seeds = np.zeros((n_slots,), np.uint32)
-        self.reset = np.ones((n_slots,), bool)  # everything is initialised by the first chunk
+        self.reset = np.ones((n_slots,), bool)  # pending re-initialisation, applied when the row next runs
         self.occupied = np.zeros((n_slots,), bool)
         self.owner: list = [None] * n_slots
         self.params = model.params
-        self.kv_sharding = None
         if mesh is not None:
             from dllm_jax import sharding
 
             sharding.check_batch(mesh, n_slots)
             self.params = sharding.shard_params(model.params, cfg, mesh)
-            if sched.cache.has_cache:
-                self.kv_sharding = sharding.kv_sharding(cfg, mesh, n_slots, L)
+            self.sizes = [b for b in self.sizes if b % mesh.shape["data"] == 0]
         self.state = None
-        self.compiled = None
+        self.programs: dict = {}
         self.last_view: list[RowView] = []
 
+    def _ctx(self, b):
+        cfg = self.model.cfg
+        return Ctx(batch=b, prompt_len=self.P, gen_length=self.G, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+                   pad_id=cfg.pad_token_id)
+
+    def _kv_sharding(self, b):
+        if self.mesh is None or not self.sched.cache.has_cache:
+            return None
+        from dllm_jax import sharding
+
+        return sharding.kv_sharding(self.model.cfg, self.mesh, b, self.P + self.G)
+
     # -- program ------------------------------------------------------------------------------------------------
-    def _args(self, max_iters=0, stop_on_finish=False):
-        keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds))
-        arrays = (jnp.asarray(self.x), jnp.asarray(self.valid), jnp.asarray(self.positions), keys)
+    def _args(self, idx, max_iters=0, stop_on_finish=False):
+        keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds[idx]))
+        arrays = (jnp.asarray(self.x[idx]), jnp.asarray(self.valid[idx]), jnp.asarray(self.positions[idx]), keys)
         if self.mesh is not None:
             from dllm_jax import sharding
 
             arrays = tuple(jax.device_put(a, sharding.batch_sharding(self.mesh, np.ndim(a))) for a in arrays)
-        return (self.params, self.state, *arrays, jnp.asarray(self.reset), jnp.asarray(self.occupied),
-                jnp.asarray(max_iters, jnp.int32), jnp.asarray(stop_on_finish), self.dyn)
+        return (self.params, self.state, jnp.asarray(idx, jnp.int32), *arrays, jnp.asarray(self.reset[idx]),
+                jnp.asarray(self.occupied[idx]), jnp.asarray(max_iters, jnp.int32), jnp.asarray(stop_on_finish),
+                self.dyn)
 
-    def _static(self):
-        return dict(cfg=self.model.cfg, sched=self.static_sched, ctx=self.ctx, kv_sharding=self.kv_sharding)
+    def _static(self, b):
+        return dict(cfg=self.model.cfg, sched=self.static_sched, ctx=self._ctx(b), kv_sharding=self._kv_sharding(b))
 
     def _zero_state(self):
         keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds))
         shapes = jax.eval_shape(lambda p, x, v, pos, k, d: init_slots(
-            p, self.model.cfg, self.static_sched.merge_dynamic(d), self.ctx, x, v, pos, k, self.kv_sharding),
+            p, self.model.cfg, self.static_sched.merge_dynamic(d), self.ctx, x, v, pos, k, self._kv_sharding(self.n)),
             self.params, jnp.asarray(self.x), jnp.asarray(self.valid), jnp.asarray(self.positions), keys, self.dyn)
         return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def compile(self) -> float:
-        """Compile (or fetch from the process cache) this group's program; returns the seconds spent compiling."""
+        """Compile (or fetch from the process cache) this group's programs; returns the seconds spent."""
         if self.state is None:
             self.state = self._zero_state()
-        key = (self.model.cfg, self.static_sched, self.ctx, self.kv_sharding,
-               tuple((k, str(v.dtype)) for k, v in sorted(self.dyn.items())), jax.tree.structure(self.params),
-               tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(self.params)), self.mesh)
         t0 = time.perf_counter()
-        with _LOCK:
-            compiled = _PROGRAMS.get(key)
-            if compiled is None:
-                compiled = _chunk_jit.lower(*self._args(), **self._static()).compile()
-                _PROGRAMS[key] = compiled
-                STATS["compilations"] += 1
-                STATS["compile_s"] += time.perf_counter() - t0
-        self.compiled = compiled
+        for b in self.sizes:
+            key = (self.model.cfg, self.static_sched, self.n, self._ctx(b), self._kv_sharding(b),
+                   tuple((k, str(v.dtype)) for k, v in sorted(self.dyn.items())), jax.tree.structure(self.params),
+                   tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(self.params)), self.mesh)
+            with _LOCK:
+                compiled = _PROGRAMS.get(key)
+                if compiled is None:
+                    t1 = time.perf_counter()
+                    compiled = _chunk_jit.lower(*self._args(np.arange(b)), **self._static(b)).compile()
+                    _PROGRAMS[key] = compiled
+                    STATS["compilations"] += 1
+                    STATS["compile_s"] += time.perf_counter() - t1
+            self.programs[b] = compiled
         return time.perf_counter() - t0
 
     # -- slots --------------------------------------------------------------------------------------------------
@@ -179,11 +212,16 @@ class SlotGroup:
 
     def step(self, max_iters: int, stop_on_finish: bool = False) -> list[RowView]:
         """Run at most `max_iters` loop iterations (fewer when every row is idle or, with stop_on_finish, when a
-        row finishes); returns each slot's view."""
-        if self.compiled is None:
+        row finishes) over the occupied slots; returns each slot's view."""
+        if not self.programs:
             self.compile()
-        self.state = self.compiled(*self._args(max_iters, stop_on_finish))
-        self.reset[:] = False
+        occ = [b for b in range(self.n) if self.owner[b] is not None]
+        size = min(b for b in self.sizes if b >= len(occ))
+        # fill up with idle slots, those with a pending reset first (a cleared row is deactivated when it runs)
+        idle = sorted((b for b in range(self.n) if self.owner[b] is None), key=lambda b: not self.reset[b])
+        idx = np.asarray(sorted(occ + idle[: size - len(occ)]), np.int32)
+        self.state = self.programs[size](*self._args(idx, max_iters, stop_on_finish))
+        self.reset[idx] = False
         st = jax.device_get({k: self.state[k] for k in ("x", "nfe", "active", "capped")})
         self.last_view = [RowView(gen=st["x"][b, self.P:], nfe=int(st["nfe"][b]), active=bool(st["active"][b]),
                                   capped=bool(st["capped"][b])) for b in range(self.n)]

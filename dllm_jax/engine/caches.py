@@ -42,8 +42,13 @@ class Cache:
         return ctx.total_len
 
     def plan_window(self, st, ctx: Ctx, wst, W):
-        """Return (w0_B, write_BxW, slice_start_B) for a cached forward."""
+        """Return (w0_B, write_BxW, slice_start_B) for a cached forward, optionally with a 4th element key_end_BxW
+        (per-query visible keys [0, key_end), replacing the model's own mask)."""
         raise NotImplementedError
+
+    def full_key_end(self, st, ctx: Ctx, wst):
+        """Per-query visible key ends [B, L] for a full forward, or None (the model's own mask)."""
+        return None
 
     def after_forward(self, st, did_full_B, active_B, wst=None):
         """State update after a forward; `wst` is the window state that forward served."""

@@ -111,18 +111,20 @@ def _process_logits(sched: Schedule, ctx: Ctx, pst, logits, x_rows, w0, wst):
 
 
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
-                wst=None, pst=None):
+                wst=None, pst=None, key_end=None):
     if sched.cfg_scale > 0:
         # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
         un = jnp.where(is_prompt, ctx.mask_id, x)
         both, kv = transformer.forward(params, cfg, jnp.concatenate([x, un]), jnp.concatenate([positions] * 2),
-                                       jnp.concatenate([key_valid] * 2), prefix_len=ctx.prompt_len)
+                                       jnp.concatenate([key_valid] * 2), prefix_len=ctx.prompt_len,
+                                       key_end=None if key_end is None else jnp.concatenate([key_end] * 2))
         cond, unc = both[: ctx.batch], both[ctx.batch:]
         logits = unc + (sched.cfg_scale + 1.0) * (cond - unc)
         kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
     else:
-        logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len)
+        logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len,
+                                         key_end=key_end)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
     logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
     x0, conf = token_stats(sched.sampler, logits, keys, step)
@@ -137,10 +139,12 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
 
 def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W,
                   wst=None, pst=None):
-    w0, write, slice_start = plan
+    # a cache policy may add per-query visible key ends [B, W] (block diffusion: the mask of each official forward)
+    w0, write, slice_start = plan[:3]
+    key_end = plan[3] if len(plan) > 3 else None
     tokens = row_slice(x, w0, W)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid,
-                                               prefix_len=ctx.prompt_len)
+                                               prefix_len=ctx.prompt_len, key_end=key_end)
     logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
     x0w, confw = token_stats(sched.sampler, logits, keys, step)
     aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
@@ -195,7 +199,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
     max_nfe = sched.max_nfe or (4 * ctx.gen_length + 8)
     W = cpol.width(ctx, win) if cpol.has_cache else L
 
-    w0 = win.init(ctx, x)
+    # a window that needs the prompt layout (block diffusion: per-row origin and first generated position)
+    w0 = win.init_layout(ctx, x, key_valid, positions) if hasattr(win, "init_layout") else win.init(ctx, x)
     n_mask0 = jnp.sum((x == ctx.mask_id) & in_range(pos, w0["s"], w0["e"]), axis=1).astype(jnp.int32)
     carry: dict[str, Any] = {
         "x": x, "w": w0, "a": acc.init(ctx, n_mask0), "c": cpol.init(ctx),
@@ -219,11 +224,12 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         x, w, a, cs, i, active = c["x"], c["w"], c["a"], c["c"], c["i"], c["active"]
         step = c["nfe"] if row_steps else c["it"]
         need_full = cpol.needs_full(cs, ctx, w)
+        full_key_end = cpol.full_key_end(cs, ctx, w)  # None: the model's own mask
         if cpol.has_cache:
             kv = c["kv"]
             plan = cpol.plan_window(cs, ctx, w, W)
             full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,  # noqa
-                                       c.get("p"))
+                                       c.get("p"), full_key_end)
             window = lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step,  # noqa
                                            kv, plan, W, w, c.get("p"))
 
@@ -243,7 +249,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
                 x0, conf, kv, aux = jax.lax.switch(branch, [window, full, mixed])
         else:
             x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,
-                                           c.get("p"))
+                                           c.get("p"), full_key_end)
         did_full = need_full & active
         pst = aux.pop("_logit_state", None)
 
@@ -251,7 +257,10 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         c_lo, c_hi = cpol.cand_range(cs, ctx, w, did_full)
         cand = (x == ctx.mask_id) & in_range(pos, c_lo, c_hi) & active[:, None]
         conf = jnp.where(cand, conf, -jnp.inf)
-        commit, a_new = acc.select(a, ctx, conf, cand, i)
+        if getattr(acc, "wants_window", False):  # the rule also sees the window's non-mask positions (SDAR quirk)
+            commit, a_new = acc.select(a, ctx, conf, cand, i, window=in_range(pos, c_lo, c_hi) & active[:, None])
+        else:
+            commit, a_new = acc.select(a, ctx, conf, cand, i)
         if cpol.refresh_commit == "first":
             first = first_true(cand, jnp.full((B,), L, jnp.int32))
             commit = jnp.where(did_full[:, None], cand & (pos == first[:, None]), commit)
@@ -275,6 +284,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         no_mask = ~jnp.any((x == ctx.mask_id) & in_range(pos, w["s"], w["e"]), axis=1)
         bdone = acc.block_done(a, ctx, i, no_mask) & cpol.block_ready(cs) & active
         w_next, finished = win.advance(w, ctx, x, bdone)
+        if "new_block" in w_next:  # a window that decides its block ends itself (block diffusion) reports them
+            bdone = w_next["new_block"] & active
         w = jax.tree.map(lambda new, old: jnp.where(_rows(active, new), new, old), w_next, w)
         i = jnp.where(bdone, 0, i)
         cs = cpol.new_block(cs, bdone)

@@ -323,7 +323,7 @@ def param_shardings(model_cfg, mesh, quantize):
     out = float_sh
     for path in _leaf_names(cfg, qshapes):
         qs = _get(qshapes, path)
-        spec = sharding.spec_for(sharding.PARAM_AXES[path[-1]], qs.scale.shape, model_cfg, mesh)
+        spec = sharding.spec_for(sharding.axes_for(path), qs.scale.shape, model_cfg, mesh)
         out = _replaced(out, path, QArray(_get(float_sh, path), NamedSharding(mesh, spec), qs.dtype))
     return out
 

@@ -36,6 +36,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from dllm_jax.models.config import ModelConfig
 
 AXES = ("data", "model")
+# Mixture-of-Experts models (LLaDA 2.x) may add an "expert" axis: ("data", "expert", "model") = expert parallelism
+# (each device group holds E / expert of the stacked experts) x tensor parallelism inside every expert and in the
+# attention. A mesh without it (the 2-axis meshes above) simply replicates the expert dim.
+MOE_AXES = ("data", "expert", "model")
 
 # logical axis -> mesh axis (None = replicated)
 RULES: dict[str, str | None] = {
@@ -48,6 +52,7 @@ RULES: dict[str, str | None] = {
     "layers": None,
     "seq": None,
     "head_dim": None,
+    "expert": "expert",
 }
 
 # params leaf name -> logical axes (layer leaves carry the stacked "layers" axis first)
@@ -68,6 +73,19 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
+
+# leaves of the LLaDA 2.x groups ("group/leaf": the same leaf name has another rank there)
+PARAM_AXES.update({
+    "layers/q_norm": ("layers", "head_dim"), "layers/k_norm": ("layers", "head_dim"),
+    "dense/w_gate": ("layers", "embed", "mlp"), "dense/w_up": ("layers", "embed", "mlp"),
+    "dense/w_down": ("layers", "mlp", "embed"),
+    "moe/w_gate": ("layers", "expert", "embed", "moe_mlp"), "moe/w_up": ("layers", "expert", "embed", "moe_mlp"),
+    "moe/w_down": ("layers", "expert", "moe_mlp", "embed"),
+    "moe/s_gate": ("layers", "embed", "mlp"), "moe/s_up": ("layers", "embed", "mlp"),
+    "moe/s_down": ("layers", "mlp", "embed"),
+    "moe/router": ("layers", "embed", None), "moe/expert_bias": ("layers", None),  # small, routing: replicated
+})
+RULES["moe_mlp"] = "model"
 
 # KV cache {"k","v"}: [L, B, S, K, hd]
 KV_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
@@ -90,6 +108,21 @@ def make_mesh(data: int = 1, model: int = 1, devices=None) -> Mesh:
                             f"device(s) are available ({_device_kind(devices)}); the product must equal the "
                             "device count")
     return jax.make_mesh((int(data), int(model)), AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def make_moe_mesh(data: int = 1, expert: int = 1, model: int = 1, devices=None) -> Mesh:
+    """A ("data", "expert", "model") mesh with Auto axes: rows over data, the stacked experts of every MoE layer over
+    expert, heads / MLP widths (also inside each expert) over model. Dense leaves are replicated over expert."""
+    devices = list(jax.devices() if devices is None else devices)
+    for name, n in (("data", data), ("expert", expert), ("model", model)):
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ShardingError(f"mesh axis {name!r} must be a positive integer, got {n!r}")
+    if data * expert * model != len(devices):
+        raise ShardingError(f"mesh data={data} x expert={expert} x model={model} = {data * expert * model} devices, "
+                            f"but {len(devices)} device(s) are available ({_device_kind(devices)}); the product must "
+                            "equal the device count")
+    return jax.make_mesh((int(data), int(expert), int(model)), MOE_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
 
 
 def _device_kind(devices) -> str:
@@ -116,8 +149,9 @@ def mesh_from_spec(spec: str, devices=None, allow_subset: bool = False) -> Mesh:
             raise ShardingError(f"bad mesh spec {spec!r}: expected comma-separated AXIS=SIZE items like "
                                 f"'data=2,model=4', got {item.strip()!r}")
         name, n = m.group(1), int(m.group(2))
-        if name not in AXES:
-            raise ShardingError(f"unknown mesh axis {name!r} in {spec!r}; the axes are {', '.join(AXES)}")
+        if name not in MOE_AXES:
+            raise ShardingError(f"unknown mesh axis {name!r} in {spec!r}; the axes are {', '.join(AXES)} (and "
+                                "expert for Mixture-of-Experts models)")
         if name in sizes:
             raise ShardingError(f"mesh axis {name!r} given twice in {spec!r}")
         if n == 0 or n < -1:
@@ -133,6 +167,11 @@ def mesh_from_spec(spec: str, devices=None, allow_subset: bool = False) -> Mesh:
                                     f"by {rest}")
             sizes[name] = len(devices) // rest
     data, model = sizes.get("data", 1), sizes.get("model", 1)
+    if "expert" in sizes:
+        expert = sizes["expert"]
+        if allow_subset and data * expert * model < len(devices):
+            devices = devices[: data * expert * model]
+        return make_moe_mesh(data, expert, model, devices=devices)
     if allow_subset and data * model < len(devices):
         devices = devices[: data * model]
     return make_mesh(data, model, devices=devices)
@@ -142,7 +181,8 @@ def mesh_from_spec(spec: str, devices=None, allow_subset: bool = False) -> Mesh:
 
 def _logical_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"heads": cfg.n_heads, "kv_heads": cfg.n_kv_heads, "mlp": cfg.mlp_hidden, "vocab": cfg.vocab_size,
-            "embed": cfg.d_model, "layers": cfg.n_layers, "head_dim": cfg.head_dim}
+            "embed": cfg.d_model, "layers": cfg.n_layers, "head_dim": cfg.head_dim,
+            **({"expert": cfg.n_experts, "moe_mlp": cfg.moe_hidden} if cfg.n_experts else {})}
 
 
 def spec_for(logical: tuple, shape: tuple, cfg: ModelConfig | None, mesh: Mesh) -> P:
@@ -151,6 +191,8 @@ def spec_for(logical: tuple, shape: tuple, cfg: ModelConfig | None, mesh: Mesh) 
     out = []
     for ax, dim in zip(logical, shape):
         mesh_ax = RULES.get(ax) if ax is not None else None
+        if mesh_ax is not None and mesh_ax not in mesh.shape:  # e.g. "expert" on a ("data", "model") mesh
+            mesh_ax = None
         if mesh_ax is not None:
             n = mesh.shape[mesh_ax]
             if n == 1:
@@ -173,10 +215,20 @@ def _leaf_name(path) -> str:
     return str(getattr(last, "key", getattr(last, "name", last)))
 
 
+def axes_for(path) -> tuple | None:
+    """Logical axes of the params leaf at `path` (tree path or tuple of names): "group/leaf" first (the MoE
+    groups), then the leaf name."""
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)] if path and not isinstance(
+        path[0], str) else list(path)
+    if len(names) >= 2 and f"{names[-2]}/{names[-1]}" in PARAM_AXES:
+        return PARAM_AXES[f"{names[-2]}/{names[-1]}"]
+    return PARAM_AXES.get(names[-1] if names else _leaf_name(path))
+
+
 def _tree_shardings(tree, cfg: ModelConfig, mesh: Mesh):
     """NamedSharding per leaf of a params(-like) tree; leaves without a rule (or of another rank) are replicated."""
     def one(path, leaf):
-        axes = PARAM_AXES.get(_leaf_name(path))
+        axes = axes_for(path)
         shape = tuple(np.shape(leaf))
         if axes is None or len(axes) != len(shape):
             return NamedSharding(mesh, P())
@@ -220,6 +272,8 @@ def describe(cfg: ModelConfig, mesh: Mesh) -> dict[str, str]:
     for ax, mesh_ax in RULES.items():
         if mesh_ax is None:
             out[ax] = "replicated"
+        elif mesh_ax not in mesh.shape:
+            out[ax] = f"replicated (no {mesh_ax} axis in the mesh)"
         elif mesh.shape[mesh_ax] == 1:
             out[ax] = f"replicated ({mesh_ax} axis has size 1)"
         elif ax in sizes and sizes[ax] % mesh.shape[mesh_ax]:

@@ -201,3 +201,49 @@ def test_convert_then_restore_equals_hf_load_and_int8_converts(fixtures, tmp_pat
     assert isinstance(m3.params["moe"]["w_gate"], quant.QArray)
     for a, b in zip(jax.tree.leaves(m3.params), jax.tree.leaves(mq.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # streamed int8 == quantized after loading
+
+
+# ------------------------------------------------------------------------------------------------------ sharding
+
+def test_moe_sharding_rules_expert_and_tensor_parallel(model):
+    from jax.sharding import PartitionSpec as P
+
+    from dllm_jax import sharding
+
+    mesh = sharding.make_moe_mesh(1, 2, 4)
+    sp = sharding.shard_params(model.params, model.cfg, mesh)
+    assert sp["moe"]["w_gate"].sharding.spec == P(None, "expert", None, "model")  # EP x TP inside each expert
+    assert sp["moe"]["w_down"].sharding.spec == P(None, "expert", "model")
+    assert sp["moe"]["s_down"].sharding.spec == P(None, "model")  # shared expert: row parallel
+    assert sp["moe"]["router"].sharding.spec == P() and sp["moe"]["expert_bias"].sharding.spec == P()
+    assert sp["layers"]["wq"].sharding.spec == P(None, None, "model")
+    assert sharding.describe(model.cfg, mesh)["expert"] == "expert"
+    # a 2-axis mesh has no expert axis: the experts are replicated there, TP still applies
+    sp2 = sharding.shard_params(model.params, model.cfg, sharding.make_mesh(2, 4))
+    assert sp2["moe"]["w_gate"].sharding.spec == P(None, None, None, "model")
+    assert sharding.mesh_from_spec("data=1,expert=2,model=4").shape == {"data": 1, "expert": 2, "model": 4}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_sharded_restore_lands_in_the_expert_layout(fixtures, tmp_path, model, gold, quantize):
+    from convert.hf_to_flax import main as convert_main
+    from dllm_jax import sharding
+
+    args = [str(fixtures / "llada2_tiny"), str(tmp_path / "c"), "--no-progress"]
+    assert convert_main(args + (["--quantize", quantize] if quantize else [])) == 0
+    mesh = sharding.make_moe_mesh(1, 2, 4)
+    restored = dllm_jax.load(str(tmp_path / "c"), mesh=mesh)
+    expected = quant.param_shardings(model.cfg, mesh, quantize)
+    got = jax.tree.map(lambda a: a.sharding, restored.params)
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, g, e in zip(jax.tree.leaves(restored.params), jax.tree.leaves(got), jax.tree.leaves(expected)):
+        assert g.mesh == mesh and g.is_equivalent_to(e, a.ndim)
+    w = restored.params["moe"]["w_gate"]
+    w = w.q if quantize else w
+    assert w.sharding.spec == sharding.spec_for(("layers", "expert", "embed", "moe_mlp"), w.shape, model.cfg, mesh)
+    assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape == (2, 4, 64, 8)
+    cfg = model.cfg.replace(block_causal=32)
+    ref, _ = llada2_moe.forward(model.params if not quantize else quant.quantize_params(model.params, quantize),
+                                cfg, jnp.asarray(gold["input_ids"]))
+    got_l, _ = llada2_moe.forward(restored.params, cfg, jnp.asarray(gold["input_ids"]))
+    np.testing.assert_allclose(np.asarray(got_l), np.asarray(ref), atol=TOL)

@@ -84,3 +84,27 @@ def test_coupled_rows_are_refused(model):
     sched = make_schedule("blockbatch", 32, model.cfg)
     with pytest.raises(ScheduleError, match="several coupled rows"):
         SlotGroup(model, sched, 32, 32, 2)
+
+
+def test_slots_on_a_mesh_equal_standalone_generate(model):
+    from dllm_jax.cli import parse_mesh
+
+    mesh = parse_mesh("data=2")  # conftest gives the process 8 CPU devices
+    sharded = dllm_jax.load(default_model_path(), mesh=mesh)
+    sched = make_schedule("fastdllm_dual", G, model.cfg, block_length=8, threshold=0.7)
+    seeds = list(range(len(PROMPTS)))
+    grp = SlotGroup(sharded, sched, 32, G, 4, mesh=mesh, batch_sizes=[1, 2])
+    assert grp.sizes == [2, 4]  # sizes must split over the data axis
+    waiting, done = list(range(5)), {}
+    while waiting or grp.busy():
+        for b in grp.free_slots():
+            if waiting:
+                r = waiting.pop(0)
+                grp.load(b, PROMPTS[r], seeds[r], r)
+        for b, v in enumerate(grp.step(3)):
+            if grp.owner[b] is not None and not v.active:
+                done[grp.owner[b]] = v.gen.copy()
+                grp.clear(b)
+    for r, gen in done.items():
+        ref = generate(model, [PROMPTS[r]], gen_length=G, schedule=sched, seed=seeds[r])
+        np.testing.assert_array_equal(gen, ref.generated[0])

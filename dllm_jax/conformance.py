@@ -109,14 +109,23 @@ def map_case(case: dict, model_cfg) -> tuple[str, dict, dict]:
     return name, kw, gen_kw
 
 
-def run_cases(model, cases: list[dict]) -> list[dict]:
+def run_cases(model, cases: list[dict], progress: bool = False) -> list[dict]:
+    from tqdm.auto import tqdm
+
     from dllm_jax.generate import generate
     from dllm_jax.presets import PresetError, make_schedule
 
     out = []
-    for case in cases:
+    for case in tqdm(cases, desc="conformance", unit="case", file=sys.stderr, disable=not progress,
+                     dynamic_ncols=True, leave=False):
         cid = case.get("id", "?")
         try:
+            from dllm_jax.conformance_block import run_block_case
+
+            res = run_block_case(model, case)  # Fast-dLLM v2 / SDAR functions (None: not one of them)
+            if res is not None:
+                out.append(res)
+                continue
             name, kw, gen_kw = map_case(case, model.cfg)
             gen_length = kw.pop("gen_length")
             try:
@@ -141,18 +150,51 @@ def run_cases(model, cases: list[dict]) -> list[dict]:
     return out
 
 
+def case_family(meta: dict) -> str | None:
+    """The model family the cases were produced on: the family whose weight table names every tensor in
+    meta['weight_names'], else the family that meta['checkpoint'] (e.g. 'dream_tiny') starts with."""
+    import re
+
+    from dllm_jax.models import FAMILIES
+
+    names = meta.get("weight_names")
+    if isinstance(names, list) and names:
+        for fam, mod in FAMILIES.items():
+            table = [re.compile(rx + r"\Z") for rx, _, _ in getattr(mod, "WEIGHT_TABLE", ())]
+            if table and all(any(t.match(n) for t in table) for n in names):
+                return fam
+    ck = str(meta.get("checkpoint", ""))
+    hits = [f for f in FAMILIES if ck.startswith(f)]
+    return max(hits, key=len) if hits else None
+
+
+def compare(case: dict, result: dict) -> str:
+    """'match' (tokens and NFE equal the case's `output` / `nfe_counted`), 'differs', 'unsupported', or 'no
+    expected output' (held-out case files without answers)."""
+    if "unsupported" in result:
+        return "unsupported"
+    if "output" not in case:
+        return "no expected output"
+    same_nfe = "nfe_counted" not in case or result.get("nfe") == case["nfe_counted"]
+    return "match" if result.get("output") == case["output"] and same_nfe else "differs"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="dllm_jax.conformance", description=__doc__.split("\n")[0])
+    from dllm_jax.cli import ArgParser
+
+    ap = ArgParser(prog="dllm_jax.conformance", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--cases", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     import dllm_jax
 
     try:
         with open(a.cases) as f:
-            cases = json.load(f)["cases"]
-    except (OSError, json.JSONDecodeError, KeyError) as e:
+            data = json.load(f)
+        cases = data["cases"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         print(f"error: cannot read cases from {a.cases}: {e}", file=sys.stderr)
         return 2
     try:
@@ -160,13 +202,24 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results = run_cases(model, cases)
+    fam = case_family(data.get("meta", {}) if isinstance(data, dict) else {})
+    if fam is not None and fam != model.cfg.family:
+        print(f"warning: the cases in {a.cases} were produced on a {fam} checkpoint, but {a.checkpoint} is a "
+              f"{model.cfg.family} model: their outputs cannot match", file=sys.stderr)
+    results = run_cases(model, cases, progress=not a.no_progress)
     tmp = a.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"cases": results}, f)
     os.replace(tmp, a.out)
-    n_un = sum("unsupported" in r for r in results)
-    print(f"{len(results) - n_un} cases run, {n_un} unsupported -> {a.out}")
+    verdicts = [compare(c, r) for c, r in zip(cases, results)]
+    counts = {v: verdicts.count(v) for v in ("match", "differs", "unsupported", "no expected output") if v in verdicts}
+    print(f"{len(results)} cases: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" -> {a.out}")
+    for c, r, v in zip(cases, results, verdicts):
+        if v == "differs":
+            print(f"  differs: {r['id']} (nfe {r.get('nfe')} vs {c.get('nfe_counted')}"
+                  f"{', tokens differ' if r.get('output') != c.get('output') else ''})")
+        elif v == "unsupported":
+            print(f"  unsupported: {r['id']}: {r['unsupported']}")
     return 0
 
 

@@ -134,12 +134,16 @@ class TextCodec:
 
 
 def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 100, batch_size: int = 50,
-                      seed: int = 0, eos_stop: bool = True, split: str = "heldout", codec: TextCodec | None = None
-                      ) -> dict:
+                      seed: int = 0, eos_stop: bool = True, split: str = "heldout", codec: TextCodec | None = None,
+                      progress: bool = False) -> dict:
     """Run one schedule over the task suite; returns per-task and overall metrics.
 
-    Overall keys: accuracy (mean over tasks), nfe_mean (mean NFE per example, mean over tasks), tpf (generated
-    tokens up to EOS / forwards, all tasks), tokens_per_s (same tokens / run time), compile_s, run_s, wall_s."""
+    Overall keys: accuracy (exact match, mean over tasks), char_accuracy (partial credit, mean over tasks),
+    nfe_mean (mean NFE per example, mean over tasks), tpf (generated tokens up to EOS / forwards, all tasks),
+    tokens_per_s (same tokens / run time), compile_s, run_s, wall_s. progress: a tqdm bar (stderr) over the
+    batches, with the task and its running exact match."""
+    from tqdm.auto import tqdm
+
     from dllm_jax import tasks
     from dllm_jax.generate import generate
     from dllm_jax.presets import make_schedule
@@ -148,6 +152,8 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
     codec = codec or TextCodec(model.tokenizer_path, model.cfg.eos_token_id)
     task_names = task_names or tasks.list_tasks()
     per_task = {}
+    bar = tqdm(total=len(task_names) * -(-n // batch_size), desc=f"eval {preset}", unit="batch", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True, leave=False)
     for task in task_names:
         exs = tasks.generate(task, split, n, seed)
         g = gen_length_for(task)
@@ -176,11 +182,14 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
                 text = codec.decode(gen)
                 hits += bool(tasks.score(task, text, e))
                 chars += tasks.char_accuracy(text, e)
+            bar.set_postfix_str(f"{task}: exact {hits}/{s + len(chunk)}", refresh=False)
+            bar.update(1)
         per_task[task] = {"accuracy": hits / len(exs), "char_accuracy": chars / len(exs),
                           "mean_nfe": float(np.mean(nfe)), "tokens": toks,
                           "tpf": toks / max(sum(nfe), 1), "tokens_per_s": toks / max(run_s, 1e-9),
                           "run_s": run_s, "compile_s": compile_s, "gen_length": g, "n": len(exs),
                           "nfe_total": int(sum(nfe))}
+    bar.close()
     acc = float(np.mean([v["accuracy"] for v in per_task.values()]))
     mean_nfe = float(np.mean([v["mean_nfe"] for v in per_task.values()]))
     toks = sum(v["tokens"] for v in per_task.values())
@@ -191,6 +200,16 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
             "tokens_per_s": toks / max(run_s, 1e-9), "run_s": run_s,
             "compile_s": sum(v["compile_s"] for v in per_task.values()), "wall_s": time.perf_counter() - t_wall,
             "batch_size": batch_size, "n": n, "eos_stop": eos_stop}
+
+
+def summary_line(label: str, r: dict) -> str:
+    """One result as a line that names its metrics: exact match and character accuracy per task, NFE, speed."""
+    exact = "  ".join(f"{k} {v['accuracy'] * 100:.1f}%" for k, v in r["tasks"].items())
+    chars = "  ".join(f"{k} {v['char_accuracy'] * 100:.1f}%" for k, v in r["tasks"].items())
+    n = next(iter(r["tasks"].values()))["n"] if r["tasks"] else 0
+    return (f"{label}: exact match {exact} | character accuracy {chars} | n={n}/task  mean NFE "
+            f"{r['nfe_mean']:.1f}  TPF {r['tpf']:.2f}  {r['tokens_per_s']:.0f} tok/s  (run {r['run_s']:.1f}s, "
+            f"compile {r['compile_s']:.1f}s, wall {r['wall_s']:.0f}s)")
 
 
 def _frontier_md(results, meta) -> str:
@@ -327,6 +346,7 @@ def main(argv=None) -> int:
     chat.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="apply the tokenizer's chat template to every prompt (default; instruct models)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="raw prompts (base models)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md and (sweep) OUT.png")
     a = ap.parse_args(argv)
@@ -373,7 +393,7 @@ def main(argv=None) -> int:
     for label, preset, kw in runs:
         try:
             r = evaluate_schedule(model, preset, kw, task_names, a.n, a.batch_size, eos_stop=not a.no_eos_stop,
-                                  codec=codec)
+                                  codec=codec, progress=not a.no_progress)
         except (ValueError, TypeError) as e:
             if not a.sweep:
                 print(f"error: {label}: {e}", file=sys.stderr)
@@ -382,9 +402,7 @@ def main(argv=None) -> int:
             continue
         r["label"], r["machine"] = label, machine
         results.append(r)
-        accs = "  ".join(f"{k} {v['accuracy'] * 100:5.1f}%" for k, v in r["tasks"].items())
-        print(f"{label:28s} {accs}  mean NFE {r['nfe_mean']:6.1f}  TPF {r['tpf']:5.2f}  {r['tokens_per_s']:7.0f} "
-              f"tok/s  (run {r['run_s']:.1f}s, compile {r['compile_s']:.1f}s, wall {r['wall_s']:.0f}s)", flush=True)
+        print(summary_line(label, r), flush=True)
     meta = {"machine": machine, "jax": jax.__version__, "n": a.n, "batch_size": a.batch_size,
             "eos_stop": not a.no_eos_stop, "chat": a.chat, "model": os.path.abspath(path),
             "counting": "tokens = generated tokens up to (excluding) the first EOS; tokens_per_s = tokens / run_s "

@@ -120,3 +120,40 @@ def test_ci_runs_the_readme_commands_and_checks_the_answer():
                      ("0123\n", "no stats")]:
         with pytest.raises(SystemExit):
             newcomer.check_main_output(cmd, out, err)
+
+
+def test_eval_names_its_metrics_and_shows_progress(capsys):
+    """`dllm-jax eval` prints exact match AND character accuracy, named, and a progress bar while it runs."""
+    from dllm_jax import evaluate
+
+    rc = evaluate.main(["--task", "sort", "--limit", "4", "--batch-size", "2", "--block-length", "32"])
+    assert rc == 0
+    out, err = capsys.readouterr()
+    line = [ln for ln in out.splitlines() if ln.startswith("vanilla")][0]
+    assert "exact match sort" in line and "character accuracy sort" in line and "n=4/task" in line, line
+    assert "eval vanilla" in err and "2/2" in err, err  # tqdm bar over the two batches
+
+
+def test_conformance_counts_matches_and_warns_on_family_mismatch(fixtures, tmp_path, capsys):
+    import json
+
+    from dllm_jax import conformance
+
+    cases = json.loads((fixtures / "dream_generate.json").read_text())
+    small = {"meta": cases["meta"], "cases": cases["cases"][:2]}
+    cf = tmp_path / "cases.json"
+    cf.write_text(json.dumps(small))
+    out = tmp_path / "out.json"
+    assert conformance.main(["--checkpoint", str(fixtures / "dream_tiny"), "--cases", str(cf), "--out", str(out)]) == 0
+    o, e = capsys.readouterr()
+    assert "2 cases: 2 match" in o and "warning" not in e
+    assert conformance.main(["--checkpoint", str(fixtures / "llada_tiny"), "--cases", str(cf), "--out", str(out)]) == 0
+    o, e = capsys.readouterr()
+    assert "produced on a dream checkpoint" in e and "is a llada model" in e
+    assert "2 differs" in o and "differs: " in o
+    # held-out files without answers: counted as such, not as matches
+    for c in small["cases"]:
+        c.pop("output")
+    cf.write_text(json.dumps(small))
+    assert conformance.main(["--checkpoint", str(fixtures / "dream_tiny"), "--cases", str(cf), "--out", str(out)]) == 0
+    assert "2 no expected output" in capsys.readouterr().out

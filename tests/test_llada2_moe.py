@@ -49,7 +49,7 @@ def test_golden_logits(model, gold, key, ids, block, mode):
     assert np.abs(np.asarray(logits) - gold[key]).max() < TOL
 
 
-@pytest.mark.parametrize("impl", ["dense", "gather", "ragged"])
+@pytest.mark.parametrize("impl", ["dense", "gather", "segment", "ragged"])
 def test_router_topk_and_weights_per_layer(model, gold, impl):
     cfg = model.cfg.replace(block_causal=32, moe_impl=impl)
     logits, _, (rl, idx, w) = llada2_moe.forward_with_routing(model.params, cfg, jnp.asarray(gold["input_ids"]))
@@ -82,7 +82,7 @@ def test_grouped_expert_impls_equal_dense_reference(quantized):
     mp = jax.tree.map(lambda a: a[0], params["moe"])
     x = jax.random.normal(jax.random.key(1), (3, 7, cfg.d_model))
     ref = llada2_moe.moe_mlp(cfg.replace(moe_impl="dense"), mp, x)
-    for impl in ("gather", "ragged"):
+    for impl in ("gather", "segment", "ragged"):
         got = llada2_moe.moe_mlp(cfg.replace(moe_impl=impl), mp, x)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
 
@@ -247,3 +247,28 @@ def test_sharded_restore_lands_in_the_expert_layout(fixtures, tmp_path, model, g
                                 cfg, jnp.asarray(gold["input_ids"]))
     got_l, _ = llada2_moe.forward(restored.params, cfg, jnp.asarray(gold["input_ids"]))
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(ref), atol=TOL)
+
+
+# ------------------------------------------------------------------------------------ FLOPs: top-k, not E
+
+def _moe_flops(E, k, impl, tokens=64):
+    cfg, _ = _toy_moe(E=E, k=k, groups=4, topk_group=4)
+    cfg = cfg.replace(moe_impl=impl)
+    mp = jax.tree.map(lambda a: a[0], llada2_moe.init_params(cfg, jax.random.key(0))["moe"])
+    x = jnp.ones((1, tokens, cfg.d_model), jnp.float32)
+    c = jax.jit(lambda mp, x: llada2_moe.moe_mlp(cfg, mp, x)).lower(mp, x).compile()
+    ca = c.cost_analysis()
+    return float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+
+
+@pytest.mark.parametrize("impl", ["segment", pytest.param("gather", marks=pytest.mark.slow)])
+def test_compiled_flops_grow_with_topk_not_with_experts(impl):
+    """XLA's cost analysis of the compiled MoE block: 4x the experts at the same top-k adds only the router's
+    E-proportional FLOPs (N x D x E), doubling top-k roughly doubles the routed part; the dense reference grows
+    with E."""
+    base = _moe_flops(16, 2, impl)
+    more_experts = _moe_flops(64, 2, impl)
+    router_extra = 2 * 64 * 32 * (64 - 16)  # tokens x d_model x extra experts, 2 flops per MAC
+    assert more_experts - base <= 1.1 * router_extra + 0.02 * base
+    assert _moe_flops(16, 4, impl) > 1.5 * base
+    assert _moe_flops(64, 2, "dense") > 3 * _moe_flops(16, 2, "dense")

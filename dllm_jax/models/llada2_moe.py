@@ -12,10 +12,11 @@ GQA, no biases; the first `first_dense_layers` layers have a dense SwiGLU MLP, t
 The expert compute touches only the selected experts (`moe_impl`):
   "ragged"  tokens sorted by expert, `jax.lax.ragged_dot` grouped matmuls (XLA's grouped GEMM on TPU/GPU; XLA:CPU
             lowers it to a masked dense product over all experts, so on CPU it is no cheaper than "dense");
+  "segment" the pairs sorted by expert and cut into tiles of T rows, one expert per tile, each tile gathering its
+            expert's matrices once (`experts_segment`): at most ~2 N k rows computed whatever E is;
   "gather"  each (token, slot) pair gathers its expert's weights and runs a batched matmul: FLOPs exactly
-            2 N k (3 D F), independent of E; the gathered weights are N k expert matrices (memory), so it is meant
-            for small windows and CPU;
-  "auto"    "ragged" on an accelerator, "gather" on CPU;
+            2 N k (3 D F), independent of E, but N k weight matrices are moved (memory-bound; tests/benchmarks);
+  "auto"    "ragged" on an accelerator, "segment" on CPU (docs/benchmarks/moe_cpu.md);
   "dense"   the reference: every expert on every token, then the top-k combination (tests and benchmarks only).
 
 Params pytree (Flax [in, out] layout; leaves stacked on a leading layer axis):
@@ -48,7 +49,7 @@ from dllm_jax.models.transformer import _embed, _head, _proj, _row_slice, _row_u
 from pallas_kernels.block_attention import api as attn_api
 
 FAMILY = "llada2_moe"
-MOE_IMPLS = ("auto", "ragged", "gather", "dense")
+MOE_IMPLS = ("auto", "ragged", "segment", "gather", "dense")
 MASK_MODES = ("hard", "soft01")
 
 # (regex on the HF name, params path, transpose?); the expert index is the regex's second group. query_key_value is
@@ -257,7 +258,8 @@ def _qeinsum(spec, x, w, idx=None):
     if isinstance(w, quant.QArray):
         q, sc = (w.q, w.scale) if idx is None else (w.q[idx], w.scale[idx])
         y = jnp.einsum(spec, x, q.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * sc.squeeze(-2)).astype(x.dtype)
+        sc = sc.squeeze(-2)
+        return (y * (sc[:, None] if y.ndim == 3 else sc)).astype(x.dtype)
     ww = w if idx is None else w[idx]
     return jnp.einsum(spec, x, ww.astype(x.dtype))
 
@@ -272,6 +274,39 @@ def experts_gather(x_NxD, idx_NxK, w_NxK, mp):
     u = _qeinsum("nd,ndf->nf", xr, mp["w_up"], flat)
     y = _qeinsum("nf,nfd->nd", jax.nn.silu(g) * u, mp["w_down"], flat)
     return jnp.sum(y.reshape(N, K, -1).astype(jnp.float32) * w_NxK[..., None], axis=1).astype(dt)
+
+
+def experts_segment(x_NxD, idx_NxK, w_NxK, mp, tile: int | None = None):
+    """Only the selected experts: the N*K (token, slot) pairs sorted by expert and cut into tiles of T rows that each
+    belong to one expert (an expert's last tile is padded); every tile gathers its expert's matrices once and runs a
+    [T, D] x [D, F] matmul. Static bound: M // T + min(E, M) tiles (M = N*K), so with T = max(1, M // E) at most
+    ~2 M rows are computed whatever E is (the dense reference computes E * N)."""
+    N, K = idx_NxK.shape
+    M = N * K
+    wg = mp["w_gate"]
+    E = (wg.q if isinstance(wg, quant.QArray) else wg).shape[0]
+    T = int(tile or max(1, M // E))
+    NT = M // T + min(E, M)
+    dt = x_NxD.dtype
+    flat = idx_NxK.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    counts = jnp.bincount(flat, length=E).astype(jnp.int32)
+    tiles_e = (counts + T - 1) // T
+    cum_t = jnp.cumsum(tiles_e)
+    t = jnp.arange(NT, dtype=jnp.int32)
+    e_t = jnp.minimum(jnp.searchsorted(cum_t, t, side="right"), E - 1).astype(jnp.int32)
+    j = t - (cum_t - tiles_e)[e_t]
+    r = jnp.arange(T, dtype=jnp.int32)
+    local = j[:, None] * T + r[None]  # row of the expert's sorted segment
+    valid = (t < cum_t[-1])[:, None] & (local < counts[e_t][:, None])
+    srow = jnp.clip((jnp.cumsum(counts) - counts)[e_t][:, None] + local, 0, M - 1)
+    src = jnp.take(order, srow)  # [NT, T] pair index (token * K + slot)
+    xt = jnp.where(valid[..., None], jnp.take(x_NxD, src // K, axis=0), 0).astype(dt)
+    h = jax.nn.silu(_qeinsum("ntd,ndf->ntf", xt, wg, e_t)) * _qeinsum("ntd,ndf->ntf", xt, mp["w_up"], e_t)
+    y = _qeinsum("ntf,nfd->ntd", h, mp["w_down"], e_t)
+    out = jnp.zeros((M, y.shape[-1]), jnp.float32).at[jnp.where(valid, src, M)].add(
+        y.astype(jnp.float32), mode="drop")
+    return jnp.sum(out.reshape(N, K, -1) * w_NxK[..., None], axis=1).astype(dt)
 
 
 def _ragged(x, w, group_sizes):
@@ -298,14 +333,15 @@ def experts_ragged(x_NxD, idx_NxK, w_NxK, mp):
     return jnp.sum(y.reshape(N, K, -1).astype(jnp.float32) * w_NxK[..., None], axis=1).astype(dt)
 
 
-EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "ragged": experts_ragged}
+EXPERT_IMPLS = {"dense": experts_dense, "gather": experts_gather, "segment": experts_segment,
+                "ragged": experts_ragged}
 
 
 def resolve_moe_impl(name: str) -> str:
     if name not in MOE_IMPLS:
         raise ValueError(f"unknown moe_impl {name!r}; expected one of {MOE_IMPLS}")
     if name == "auto":
-        return "gather" if jax.default_backend() == "cpu" else "ragged"
+        return "segment" if jax.default_backend() == "cpu" else "ragged"
     return name
 
 

@@ -57,7 +57,7 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling: float = 1.0  # routed_scaling_factor
     first_dense_layers: int = 0  # first_k_dense_replace: layers [0, k) use the dense MLP (mlp_hidden)
-    moe_impl: str = "auto"  # grouped expert compute: "auto" | "ragged" | "gather" | "dense" (see llada2_moe.py)
+    moe_impl: str = "auto"  # expert compute: "auto" | "ragged" | "segment" | "gather" | "dense" (llada2_moe.py)
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

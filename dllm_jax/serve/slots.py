@@ -29,7 +29,7 @@ from dllm_jax.generate import ScheduleError, _dyn_arrays, bucket_length, validat
 _STATIC = ("cfg", "sched", "ctx", "kv_sharding")  # ctx.batch: the physical batch of one chunk
 
 
-def _chunk_impl(params, state, idx, x, key_valid, positions, keys, reset, occupied, max_iters, stop_on_finish, dyn,
+def _chunk_impl(params, state, idx, x, key_valid, positions, seeds, reset, occupied, max_iters, stop_on_finish, dyn,
                 *, cfg, sched, ctx, kv_sharding=None):
     """One chunk over the rows `idx` [b] of the group's state (all n slots): those rows are gathered into a batch of
     b = ctx.batch rows, advanced by `run_chunk`, and written back (rows are independent, so where a row runs does
@@ -38,6 +38,7 @@ def _chunk_impl(params, state, idx, x, key_valid, positions, keys, reset, occupi
         return a if a.ndim == 0 else jnp.take(a, idx, axis=_batch_axis(path))
 
     sub = jax.tree_util.tree_map_with_path(take, state)
+    keys = jax.vmap(jax.random.key)(seeds)  # as `generate.prepare` makes them (one seed per row)
     new = run_chunk(params, cfg, sched.merge_dynamic(dyn), ctx, sub, x, key_valid, positions, keys, reset,
                     occupied, max_iters, stop_on_finish, kv_sharding=kv_sharding)
 
@@ -138,15 +139,13 @@ class SlotGroup:
 
     # -- program ------------------------------------------------------------------------------------------------
     def _args(self, idx, max_iters=0, stop_on_finish=False):
-        keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds[idx]))
-        arrays = (jnp.asarray(self.x[idx]), jnp.asarray(self.valid[idx]), jnp.asarray(self.positions[idx]), keys)
+        arrays = (self.x[idx], self.valid[idx], self.positions[idx], self.seeds[idx])
         if self.mesh is not None:
             from dllm_jax import sharding
 
             arrays = tuple(jax.device_put(a, sharding.batch_sharding(self.mesh, np.ndim(a))) for a in arrays)
-        return (self.params, self.state, jnp.asarray(idx, jnp.int32), *arrays, jnp.asarray(self.reset[idx]),
-                jnp.asarray(self.occupied[idx]), jnp.asarray(max_iters, jnp.int32), jnp.asarray(stop_on_finish),
-                self.dyn)
+        return (self.params, self.state, np.asarray(idx, np.int32), *arrays, self.reset[idx], self.occupied[idx],
+                np.int32(max_iters), np.bool_(stop_on_finish), self.dyn)
 
     def _static(self, b):
         return dict(cfg=self.model.cfg, sched=self.static_sched, ctx=self._ctx(b), kv_sharding=self._kv_sharding(b))

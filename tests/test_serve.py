@@ -80,11 +80,12 @@ def ref():
     tok = AutoTokenizer.from_pretrained(model.tokenizer_path)
     cache = {}
 
-    def reference(ids, max_tokens, seed=0, threshold=0.8):
-        key = (tuple(ids), max_tokens, seed, threshold)
+    def reference(ids, max_tokens, seed=0, threshold=0.8, temperature=0.7):
+        key = (tuple(ids), max_tokens, seed, threshold, temperature)
         if key not in cache:
             G = min(g for g in GEN_BUCKETS if g >= max_tokens)
-            sched = make_schedule("fastdllm_dual", G, model.cfg, **{**SETTINGS, "threshold": threshold})
+            sched = make_schedule("fastdllm_dual", G, model.cfg,
+                                  **{**SETTINGS, "threshold": threshold, "temperature": temperature})
             gen = generate(model, [ids], gen_length=G, schedule=sched, seed=seed).generated[0][:max_tokens]
             eos = np.flatnonzero(gen == model.cfg.eos_token_id)
             cache[key] = ([int(t) for t in gen[: eos[0]]], "stop") if eos.size else ([int(t) for t in gen], "length")
@@ -244,6 +245,17 @@ def test_bad_chat_messages_and_server_keeps_serving(server, ref):
                                                 max_tokens=1000)
     r = _client(server).completions.create(model=MODEL, prompt="ok", max_tokens=8, seed=1)
     assert r.model_extra["dllm"]["token_ids"] == ref(ref.text_ids("ok"), 8, 1)[0]
+
+
+def test_new_temperature_compiles_on_demand(server, ref):
+    """A temperature the server did not compile for is one more program, compiled on first use, then reused."""
+    c = _client(server)
+    p = ref.text_ids("greedy please")
+    want = ref(p, 8, 0, temperature=0.0)[0]
+    for _ in range(2):
+        r = c.completions.create(model=MODEL, prompt=p, max_tokens=8, temperature=0)
+        assert r.model_extra["dllm"]["token_ids"] == want
+    assert _metrics(server)["dllm_compilations_total"] == 5
 
 
 def test_client_disconnect_frees_the_slot(server):

@@ -114,14 +114,17 @@ class Batcher:
         """Build and compile the groups of `keys` before serving; returns the seconds spent."""
         t0 = time.perf_counter()
         for k in keys:
-            self.group(k).compile()
+            self.group(k)
         return time.perf_counter() - t0
 
     def group(self, key) -> SlotGroup:
+        """The slot group of `key`, built and compiled on first use (a failure leaves no group behind)."""
         g = self.groups.get(key)
         if g is None:
-            g = self.groups[key] = self.make_group(key)
+            g = self.make_group(key)
+            g.compile()
             g.key = key
+            self.groups[key] = g
         return g
 
     def start(self):
@@ -202,7 +205,7 @@ class Batcher:
             if r.group_key not in free:
                 try:
                     g = self.group(r.group_key)
-                except Exception as e:  # a combination the app could not check before (should not happen)
+                except Exception as e:  # building or compiling this request's program failed: fail it alone
                     r.emit({"error": str(e)})
                     self._finish(r, "error")
                     continue

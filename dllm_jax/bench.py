@@ -1,7 +1,7 @@
 """`dllm-jax bench`: how efficient are diffusion LMs? Throughput, forwards and roofline of every schedule against an
 autoregressive and a block-diffusion baseline on the same engine and network shape.
 
-    dllm-jax bench --preset quick                                   # tiny golden LLaDA, < 5 min on 2 CPU cores
+    dllm-jax bench --preset quick                                   # embedded default model, ~5 min on 2 CPU cores
     dllm-jax bench --model DIR --gen-lengths 64,256,1024 --batch-sizes 1,8,64
     dllm-jax bench --random-weights --shape llada-8b --dtype bfloat16 --preset full
 

@@ -867,7 +867,9 @@ def _prompts(s: str) -> dict:
 
 
 def parse_args(argv):
-    from dllm_jax.cli import ArgParser
+    from dllm_jax.cli import ArgParser, quiet_transformers
+
+    quiet_transformers()  # also when run as python -m
 
     ap = ArgParser(prog="dllm-jax bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -123,6 +123,10 @@ def run_cases(model, cases: list[dict], progress: bool = False) -> list[dict]:
             from dllm_jax.conformance_block import run_block_case
 
             res = run_block_case(model, case)  # Fast-dLLM v2 / SDAR functions (None: not one of them)
+            if res is None:
+                from dllm_jax.conformance_llada2 import run_llada2_case
+
+                res = run_llada2_case(model, case)  # LLaDA2.0 / LLaDA2.1 generate (None: not one of them)
             if res is not None:
                 out.append(res)
                 continue
@@ -157,15 +161,19 @@ def case_family(meta: dict) -> str | None:
 
     from dllm_jax.models import FAMILIES
 
+    ck = str(meta.get("checkpoint", ""))
+    hits = [f for f in FAMILIES if ck.startswith(f)]
+    named = max(hits, key=len) if hits else None
     names = meta.get("weight_names")
     if isinstance(names, list) and names:
+        fits = []
         for fam, mod in FAMILIES.items():
             table = [re.compile(rx + r"\Z") for rx, _, _ in getattr(mod, "WEIGHT_TABLE", ())]
             if table and all(any(t.match(n) for t in table) for n in names):
-                return fam
-    ck = str(meta.get("checkpoint", ""))
-    hits = [f for f in FAMILIES if ck.startswith(f)]
-    return max(hits, key=len) if hits else None
+                fits.append(fam)
+        if fits:  # several families share weight names (Dream and Fast-dLLM v2: Qwen2): the checkpoint name decides
+            return named if named in fits else fits[0]
+    return named
 
 
 def compare(case: dict, result: dict) -> str:
@@ -180,7 +188,9 @@ def compare(case: dict, result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from dllm_jax.cli import ArgParser
+    from dllm_jax.cli import ArgParser, quiet_transformers
+
+    quiet_transformers()  # also when run as python -m
 
     ap = ArgParser(prog="dllm_jax.conformance", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)

@@ -324,7 +324,9 @@ def _plot(results, path):
 def main(argv=None) -> int:
     from dllm_jax.cli import model_defaults, parse_set
 
-    from dllm_jax.cli import ArgParser
+    from dllm_jax.cli import ArgParser, quiet_transformers
+
+    quiet_transformers()  # also when run as python -m
 
     ap = ArgParser(prog="dllm-jax eval", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint directory (default: the embedded model)")

@@ -145,6 +145,7 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
     from tqdm.auto import tqdm
 
     from dllm_jax import tasks
+    from dllm_jax.frontier_stats import wilson
     from dllm_jax.generate import generate
     from dllm_jax.presets import make_schedule
 
@@ -170,6 +171,7 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
         if eos_stop:
             sched = sched.replace(eos_early_stop=True)
         hits, chars, nfe, toks, run_s, compile_s = 0, 0.0, [], 0, 0.0, 0.0
+        correct, char_list = [], []  # per problem, in order: paired comparisons between schedules
         for s in range(0, n, batch_size):
             chunk = exs[s:s + batch_size]
             rows = [codec.encode(e.prompt) for e in chunk]
@@ -180,15 +182,18 @@ def evaluate_schedule(model, preset: str, kw: dict, task_names=None, n: int = 10
             toks += int(np.sum(out.gen_lengths))
             for e, gen in zip(chunk, out.generated):
                 text = codec.decode(gen)
-                hits += bool(tasks.score(task, text, e))
-                chars += tasks.char_accuracy(text, e)
+                ok, ch = bool(tasks.score(task, text, e)), float(tasks.char_accuracy(text, e))
+                hits, chars = hits + ok, chars + ch
+                correct.append(ok)
+                char_list.append(ch)
             bar.set_postfix_str(f"{task}: exact {hits}/{s + len(chunk)}", refresh=False)
             bar.update(1)
         per_task[task] = {"accuracy": hits / len(exs), "char_accuracy": chars / len(exs),
                           "mean_nfe": float(np.mean(nfe)), "tokens": toks,
                           "tpf": toks / max(sum(nfe), 1), "tokens_per_s": toks / max(run_s, 1e-9),
                           "run_s": run_s, "compile_s": compile_s, "gen_length": g, "n": len(exs),
-                          "nfe_total": int(sum(nfe))}
+                          "nfe_total": int(sum(nfe)), "correct": correct, "chars": char_list,
+                          "accuracy_ci95": wilson(hits, len(exs))}
     bar.close()
     acc = float(np.mean([v["accuracy"] for v in per_task.values()]))
     mean_nfe = float(np.mean([v["mean_nfe"] for v in per_task.values()]))
@@ -225,8 +230,12 @@ def _frontier_md(results, meta) -> str:
              "then over tasks); TPF = generated tokens up to EOS / NFE; tokens/s = generated tokens up to EOS / run "
              "wall time (compile excluded). CPU timings on a shared 2-core machine are indicative only.", "",
              head, "|" + "---|" * (2 * len(tasks_) + 6)]
+    def acc_cell(v):  # exact match with its 95 % Wilson interval when the per-task result has it
+        ci = v.get("accuracy_ci95")
+        return f"{v['accuracy'] * 100:.1f}" + (f" [{ci[0] * 100:.0f}, {ci[1] * 100:.0f}]" if ci else "")
+
     for r in results:
-        cells = " | ".join(f"{r['tasks'][t]['accuracy'] * 100:.1f}" for t in tasks_)
+        cells = " | ".join(acc_cell(r["tasks"][t]) for t in tasks_)
         ccells = " | ".join(f"{r['tasks'][t].get('char_accuracy', float('nan')) * 100:.1f}" for t in tasks_)
         tpf = np.mean([r["tasks"][t]["tpf"] for t in tasks_])
         lines.append(f"| {r['label']} | {cells} | {r['accuracy'] * 100:.1f} | {ccells} | "
@@ -235,6 +244,11 @@ def _frontier_md(results, meta) -> str:
     lines += goal_check(results)
     if all("char_accuracy" in r for r in results):
         lines += goal_check(results, metric="char_accuracy")
+    from dllm_jax.frontier_stats import report
+
+    paired = report(results, GOAL_REFERENCE)
+    if paired:
+        lines += [""] + paired
     return "\n".join(lines) + "\n"
 
 
@@ -307,6 +321,12 @@ def _plot(results, path):
                 xs, ys = zip(*pts)
                 ax.plot(xs, [y * 100 for y in ys], marker=markers[k % len(markers)], color=cmap(k % 20), lw=1.2,
                         ms=5, label=fam)
+                if metric == "accuracy" and panel != "mean" and all("accuracy_ci95" in r["tasks"][panel] for r in rs):
+                    cis = sorted((r["tasks"][panel]["mean_nfe"], r["tasks"][panel]["accuracy"],
+                                  r["tasks"][panel]["accuracy_ci95"]) for r in rs)  # 95 % Wilson bars
+                    ax.errorbar([c[0] for c in cis], [c[1] * 100 for c in cis],
+                                yerr=[[(c[1] - c[2][0]) * 100 for c in cis], [(c[2][1] - c[1]) * 100 for c in cis]],
+                                fmt="none", ecolor=cmap(k % 20), elinewidth=0.8, capsize=2, alpha=0.7)
             ax.set_title(panel if panel != "mean" else "mean over tasks")
             ax.set_xlabel("mean NFE per example")
             ax.grid(alpha=0.3)

@@ -76,9 +76,19 @@ def model_defaults(schedule: str, model_cfg, kw: dict) -> dict:
     return kw
 
 
+def default_schedule(model_cfg) -> str:
+    """The preset `generate` uses without --schedule: the family's own (Fast-dLLM v2, SDAR, ...), else vanilla."""
+    from dllm_jax.models import FAMILIES
+
+    mod = FAMILIES.get(getattr(model_cfg, "family", None))
+    return getattr(mod, "DEFAULT_PRESET", "vanilla")
+
+
 def schedule_from_args(a, model_cfg):
     from dllm_jax.presets import make_schedule
 
+    if a.schedule is None:
+        a.schedule = default_schedule(model_cfg)
     kw = {}
     for name in ("steps", "block_length", "threshold", "factor", "temperature", "alg"):
         v = getattr(a, name, None)
@@ -95,7 +105,8 @@ def schedule_from_args(a, model_cfg):
 
 
 def _add_schedule_args(p):
-    p.add_argument("--schedule", default="vanilla", help="preset name (see `dllm-jax presets`)")
+    p.add_argument("--schedule", default=None,
+                   help="preset name (see `dllm-jax presets`; default: the model family's preset, else vanilla)")
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--steps", type=int)
     p.add_argument("--block-length", type=int)
@@ -244,13 +255,21 @@ def cmd_presets(a) -> int:
     import shutil
     import textwrap
 
+    from dllm_jax.models import FAMILIES
     from dllm_jax.presets import PRESETS, describe
 
     width = max(60, min(shutil.get_terminal_size((120, 24)).columns, 140))
-    for name in sorted(PRESETS):
-        text = textwrap.fill(describe(name) or "(no description)", width=width, initial_indent=f"{name:26s} ",
-                             subsequent_indent=" " * 27)
-        print(text)
+    own = {fam: tuple(getattr(mod, "PRESETS", ())) for fam, mod in FAMILIES.items()}
+    claimed = {n for names in own.values() for n in names}
+    groups = [("llada, dream (bidirectional; also any model)", [n for n in sorted(PRESETS) if n not in claimed])]
+    groups += [(f"{fam} (default: {getattr(FAMILIES[fam], 'DEFAULT_PRESET', names[0])})", list(names))
+               for fam, names in own.items() if names]
+    for i, (title, names) in enumerate(groups):
+        print(("\n" if i else "") + f"== {title}")
+        for name in names:
+            text = textwrap.fill(describe(name) or "(no description)", width=width, initial_indent=f"{name:26s} ",
+                                 subsequent_indent=" " * 27)
+            print(text)
     print("\nArguments of a preset: python -c \"from dllm_jax.presets import preset_args; print(preset_args('NAME'))\"; "
           "set them with --set KEY=VALUE.")
     return 0

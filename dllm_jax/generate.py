@@ -178,6 +178,12 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
     compile_time_s (0 when the program was cached), run_time_s, loop_iterations, unfinished [B] (rows stopped by
     the schedule's max_nfe bound; all False normally), trace.
     """
+    from dllm_jax.engine.block_diffusion import BlockWindow
+
+    if isinstance(schedule.window, BlockWindow):  # block diffusion (Fast-dLLM v2, SDAR): its own canvas layout
+        from dllm_jax.engine.block_runner import generate_output
+
+        return generate_output(model, prompt_ids, gen_length, schedule, attention_mask, seed, mesh, trace)
     if getattr(schedule.window, "rows_per_request", 1) > 1:
         # a request is several rows (BlockBatch branches): its runner expands the requests and returns the winners
         if trace or mesh is not None or attention_mask is not None:

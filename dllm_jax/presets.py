@@ -697,6 +697,11 @@ PRESETS: dict[str, Callable[..., Schedule]] = {
     **_ADVANCED, **_EXTRA,
 }
 
+# block-diffusion families (Fast-dLLM v2, SDAR): window x acceptance x cache of engine/block_diffusion.py
+from dllm_jax.presets_block import BLOCK_PRESETS  # noqa: E402
+
+PRESETS.update(BLOCK_PRESETS)
+
 
 # wrappers that forward **kw to another preset function: (target, arguments the wrapper fixes itself)
 vanilla.preset_target, vanilla.preset_fixed = llada, ("steps",)

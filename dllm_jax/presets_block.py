@@ -26,7 +26,12 @@ from dllm_jax.engine.block_diffusion import (SDAR_STRATEGIES, BlockCache, BlockW
 from dllm_jax.engine.loop import Schedule
 from dllm_jax.engine.sampling import TokenSampler
 from dllm_jax.models.config import ModelConfig
-from dllm_jax.presets import PresetError
+
+
+def _error(msg: str):
+    from dllm_jax.presets import PresetError  # (presets.py registers these presets: imported lazily)
+
+    return PresetError(msg)
 
 FASTDLLM_V2_MASK_BLOCK = 32  # the official forward's default block_size, used by every denoising forward
 
@@ -49,13 +54,13 @@ def _stop_ids(stop, model_cfg, name):
     try:
         ids = tuple(int(t) for t in ids)
     except (TypeError, ValueError):
-        raise PresetError(f"{name}: stop ids must be integers, got {stop!r}") from None
+        raise _error(f"{name}: stop ids must be integers, got {stop!r}") from None
     return ids
 
 
 def _greedy_only(name, temperature):
     if temperature not in (0, 0.0, None):
-        raise PresetError(f"{name}: only greedy decoding (temperature=0) is reproduced; the official sampler draws "
+        raise _error(f"{name}: only greedy decoding (temperature=0) is reproduced; the official sampler draws "
                           f"with torch.multinomial on batch row 0, got temperature={temperature}")
 
 
@@ -67,13 +72,13 @@ def _fastdllm_v2(kind, gen_length, *, block_size=32, small_block_size=8, thresho
     bs = int(block_size)
     sbs = bs if small_block_size is None else int(small_block_size)
     if bs <= 0 or sbs <= 0 or bs % sbs:
-        raise PresetError(f"{name}: small_block_size ({small_block_size}) must be a positive divisor of block_size "
+        raise _error(f"{name}: small_block_size ({small_block_size}) must be a positive divisor of block_size "
                           f"({block_size}); otherwise the positions after the last whole sub-block are never decoded "
                           "and the official loop never ends")
     if threshold is None or not (0.0 <= float(threshold) <= 1.0):
-        raise PresetError(f"{name}: threshold must lie in [0, 1], got {threshold}")
+        raise _error(f"{name}: threshold must lie in [0, 1], got {threshold}")
     if kind == "vis" and use_block_cache:
-        raise PresetError(f"{name}: the demo sampler has no block cache")
+        raise _error(f"{name}: the demo sampler has no block cache")
     if kind != "batch" and model_cfg is not None:
         _warn_untrained(model_cfg, bs, "block_size",
                         f"the denoising forwards still use the attention mask of {FASTDLLM_V2_MASK_BLOCK}-blocks "
@@ -86,7 +91,7 @@ def _fastdllm_v2(kind, gen_length, *, block_size=32, small_block_size=8, thresho
     if kind == "batch":
         pad = pad_token_id if pad_token_id is not None else (model_cfg.get("bos_token_id") if model_cfg else None)
         if pad is None:
-            raise PresetError(f"{name}: pad_token_id (the tokenizer's pad id, written after a finished row's stop "
+            raise _error(f"{name}: pad_token_id (the tokenizer's pad id, written after a finished row's stop "
                               "token) is required")
     win = BlockWindow(
         block_size=bs, new_tokens=int(gen_length), sub_block=sbs, complete="ar",
@@ -119,10 +124,10 @@ def fastdllm_v2_vis(gen_length, **kw):
 def _sdar_common(name, gen_length, block_length, denoising_steps, temperature, top_k, top_p, model_cfg):
     bl, T = int(block_length), int(denoising_steps)
     if bl <= 0 or T <= 0:
-        raise PresetError(f"{name}: block_length and denoising_steps must be > 0, got {block_length}, "
+        raise _error(f"{name}: block_length and denoising_steps must be > 0, got {block_length}, "
                           f"{denoising_steps}")
     if top_k != 1 or temperature is None or temperature <= 0:
-        raise PresetError(f"{name}: only greedy decoding is reproduced (top_k=1 with temperature > 0, as the "
+        raise _error(f"{name}: only greedy decoding is reproduced (top_k=1 with temperature > 0, as the "
                           f"evaluation config); got top_k={top_k}, temperature={temperature} (the official sampler "
                           "draws with torch.multinomial from the global RNG)")
     if model_cfg is not None:
@@ -137,12 +142,12 @@ def sdar_eval(gen_length, *, block_length=4, denoising_steps=4, threshold=1.0, t
     name = "sdar_eval"
     bl, T = _sdar_common(name, gen_length, block_length, denoising_steps, temperature, top_k, top_p, model_cfg)
     if remasking != "low_confidence":
-        raise PresetError(f"{name}: remasking={remasking!r} is not reproduced ('random' draws torch.rand); use "
+        raise _error(f"{name}: remasking={remasking!r} is not reproduced ('random' draws torch.rand); use "
                           "'low_confidence'")
     if temperature != 1.0:
-        raise PresetError(f"{name}: temperature must be 1.0 (the confidence is softmax(logits / temperature))")
+        raise _error(f"{name}: temperature must be 1.0 (the confidence is softmax(logits / temperature))")
     if bl % T:
-        raise PresetError(f"{name}: block_length ({bl}) must be a multiple of denoising_steps ({T}) (the official "
+        raise _error(f"{name}: block_length ({bl}) must be a multiple of denoising_steps ({T}) (the official "
                           "generator asserts it)")
     stop = _stop_ids(stopping_criteria_idx, model_cfg, name)
     win = BlockWindow(block_size=bl, new_tokens=int(gen_length), complete="store", end_rule="ceil",
@@ -158,7 +163,7 @@ def sdar(gen_length, *, block_length=4, denoising_steps=4, temperature=1.0, top_
     name = "sdar"
     bl, T = _sdar_common(name, gen_length, block_length, denoising_steps, temperature, top_k, top_p, model_cfg)
     if remasking_strategy not in SDAR_STRATEGIES:
-        raise PresetError(f"{name}: remasking_strategy must be one of {SDAR_STRATEGIES}, got {remasking_strategy!r} "
+        raise _error(f"{name}: remasking_strategy must be one of {SDAR_STRATEGIES}, got {remasking_strategy!r} "
                           "('entropy_bounded' fails in the official code: transfer_index is never initialised)")
     stop = _stop_ids(stopping_criteria_idx, model_cfg, name)
     win = BlockWindow(block_size=bl, new_tokens=int(gen_length), complete="store", end_rule="ceil",
@@ -169,8 +174,8 @@ def sdar(gen_length, *, block_length=4, denoising_steps=4, temperature=1.0, top_
                     name=name)
 
 
+for _f in (fastdllm_v2, fastdllm_v2_batch, fastdllm_v2_vis):
+    _f.preset_target = _fastdllm_v2  # (for presets.preset_args: the wrappers forward **kw)
+
 BLOCK_PRESETS = {"fastdllm_v2": fastdllm_v2, "fastdllm_v2_batch": fastdllm_v2_batch,
                  "fastdllm_v2_vis": fastdllm_v2_vis, "sdar_eval": sdar_eval, "sdar": sdar}
-# the family's default preset (`dllm-jax generate --model DIR`) and the presets made for it (`dllm-jax presets`)
-FAMILY_PRESETS = {"fastdllm_v2": ("fastdllm_v2", "fastdllm_v2_batch", "fastdllm_v2_vis"),
-                  "sdar": ("sdar_eval", "sdar")}

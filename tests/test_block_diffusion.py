@@ -183,3 +183,235 @@ def test_sdar_moe_config_is_a_clear_error(fixtures, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="SDAR MoE"):
         dllm_jax.load(str(tmp_path / "m"))
+
+
+# ---------------------------------------------------------------------------------------------- generation (golden)
+
+GEN_FILES = {"fastdllm_v2": "fastdllm_v2_generate.json", "sdar": "sdar_generate.json"}
+# one case of every group/function runs by default; every case with `-m slow` (
+# test_golden_generation_all)
+QUICK = {
+    "fastdllm_v2": ["gen_b1_p40_g64_bs32_sbs8_th0.9_blockcache", "gen_b1_p40_g72_bs24_sbs8_th0.9_blockcache",
+                    "gen_b1_p32_g64_bs32_sbs8_th0.25_nocache", "gen_b2_p40_g96_bs32_sbs8_th0.9_nocache_stop35",
+                    "bsample_ragged_lens40-64-70_g64_bs32_sbs8_th0.9_blockcache",
+                    "bsample_ragged_lens12-29-40_g96_bs32_sbs8_th0.9_nocache_stop35",
+                    "bsample_ragged_lens32-40_g64_bs32_sbs8_th0.25_nocache", "vis_p40_g96_bs16_sbs4_th0.7_stop35"],
+    "sdar": ["eval_b1_p16_g32_bl8_s4_th0.7", "eval_b1_p5_g32_bl8_s4_th0.9", "eval_b2_p16_g64_bl4_s4_th0.9_stop82",
+             "sdar_b1_p18_g32_bl8_s1_static", "sdar_b1_p5_g32_bl4_s2_sequential",
+             "sdar_b1_p16_g64_bl8_s8_sequential_stop185", "dllmrl_b1_p18_g32_bl4_s1_dynamic0.85"],
+}
+
+
+def _blind(cases):
+    """What the conformance tool may read: never the answers."""
+    keep = ("id", "code", "args", "prompt", "input_ids", "batch")
+    return [{k: v for k, v in c.items() if k in keep} for c in cases]
+
+
+def _check_cases(model, cases):
+    from dllm_jax.conformance import run_cases
+
+    results = run_cases(model, _blind(cases))
+    bad = []
+    for c, r in zip(cases, results):
+        assert r["id"] == c["id"] and "unsupported" not in r, (c["id"], r.get("unsupported"))
+        if r["output"] != c["output"] or r["nfe"] != c["nfe_counted"]:
+            bad.append((c["id"], r["nfe"], c["nfe_counted"]))
+    assert not bad, f"not exact: {bad}"
+
+
+@pytest.mark.parametrize("fam", ["fastdllm_v2", "sdar"])
+def test_golden_generation_quick(fixtures, fdv2, sdar, fam):
+    import json
+
+    cases = {c["id"]: c for c in json.loads((fixtures / GEN_FILES[fam]).read_text())["cases"]}
+    _check_cases({"fastdllm_v2": fdv2, "sdar": sdar}[fam], [cases[i] for i in QUICK[fam]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fam", ["fastdllm_v2", "sdar"])
+def test_golden_generation_all(fixtures, fdv2, sdar, fam):
+    """Every case of both golden files token- and NFE-exact (93 + 92 cases)."""
+    import json
+
+    _check_cases({"fastdllm_v2": fdv2, "sdar": sdar}[fam],
+                 json.loads((fixtures / GEN_FILES[fam]).read_text())["cases"])
+
+
+def test_every_code_string_maps(fixtures):
+    import json
+
+    from dllm_jax.conformance_block import preset_for
+
+    for fam, fname in GEN_FILES.items():
+        for c in json.loads((fixtures / fname).read_text())["cases"]:
+            assert preset_for(c["code"]) is not None, c["code"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input, options
+
+def test_small_block_must_divide_block(fdv2):
+    from dllm_jax.presets import PresetError, make_schedule
+
+    with pytest.raises(PresetError, match=r"small_block_size \(12\) must be a positive divisor of block_size \(32\)"):
+        make_schedule("fastdllm_v2", 64, fdv2.cfg, block_size=32, small_block_size=12)
+
+
+@pytest.mark.parametrize("name,kw,what", [("fastdllm_v2", {"block_size": 24, "small_block_size": 8}, "32-blocks"),
+                                          ("sdar_eval", {"block_length": 8, "denoising_steps": 8}, "blocks of 8")])
+def test_untrained_block_length_warns(fdv2, sdar, name, kw, what):
+    from dllm_jax.presets import make_schedule
+
+    model = fdv2 if name.startswith("fastdllm") else sdar
+    with pytest.warns(UserWarning, match=rf"trained with blocks of .*official code would: .*{what}"):
+        make_schedule(name, 48, model.cfg, **kw)
+
+
+def test_sdar_eval_rejects_unreproducible_args(sdar):
+    from dllm_jax.presets import PresetError, make_schedule
+
+    with pytest.raises(PresetError, match="must be a multiple of denoising_steps"):
+        make_schedule("sdar_eval", 32, sdar.cfg, block_length=4, denoising_steps=3)
+    with pytest.raises(PresetError, match="only greedy decoding"):
+        make_schedule("sdar", 32, sdar.cfg, top_k=0)
+    with pytest.raises(PresetError, match="entropy_bounded"):
+        make_schedule("sdar", 32, sdar.cfg, remasking_strategy="entropy_bounded")
+
+
+def test_lockstep_needs_equal_prompts(fdv2):
+    from dllm_jax.generate import ScheduleError, generate
+    from dllm_jax.presets import make_schedule
+
+    sched = make_schedule("fastdllm_v2", 32, fdv2.cfg)
+    with pytest.raises(ScheduleError, match="lockstep=False"):
+        generate(fdv2, [[1, 2, 3], [4, 5]], gen_length=32, schedule=sched)
+
+
+def _run(model, name, prompts, gen, layout="left", **kw):
+    import warnings
+
+    from dllm_jax.engine.block_runner import generate_blocks
+    from dllm_jax.presets import make_schedule
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched = make_schedule(name, gen, model.cfg, **kw)
+    return generate_blocks(model, prompts, schedule=sched, layout=layout)
+
+
+def test_per_row_mode_equals_batch_of_one(fixtures, fdv2):
+    """lockstep=False: ragged prompts in one batch, each row exactly its batch-of-one run (left padding moves the
+    blocks with the row's own positions)."""
+    import json
+
+    cases = json.loads((fixtures / "fastdllm_v2_generate.json").read_text())["cases"]
+    p = [c for c in cases if c["id"] == "gen_b1_p40_g64_bs32_sbs8_th0.9_blockcache"][0]
+    prompts = [p["prompt"][0], p["prompt"][0][:29]]
+    kw = dict(block_size=32, small_block_size=8, threshold=0.9, use_block_cache=True, stop_token=290)
+    both = _run(fdv2, "fastdllm_v2", prompts, 64, lockstep=False, **kw)
+    for b, pr in enumerate(prompts):
+        one = _run(fdv2, "fastdllm_v2", [pr], 64, **kw)
+        assert both.sequences[b].tolist() == one.sequences[0].tolist()
+        assert both.nfe_per_row[b] == one.nfe
+    assert both.sequences[0].tolist() == p["output"][0]
+
+
+def test_corrected_options_change_what_they_should(fdv2, sdar):
+    prompt = [list(range(3, 43))]
+    # the 32-mask quirk matters only for blocks that do not fit a 32-block
+    a = _run(fdv2, "fastdllm_v2", prompt, 128, block_size=64, small_block_size=16, stop_token=290)
+    b = _run(fdv2, "fastdllm_v2", prompt, 128, block_size=64, small_block_size=16, stop_token=290,
+             mask32_quirk=False)
+    assert a.sequences[0].tolist() != b.sequences[0].tolist()
+    c = _run(fdv2, "fastdllm_v2", prompt, 64, block_size=16, small_block_size=8, stop_token=290)
+    d = _run(fdv2, "fastdllm_v2", prompt, 64, block_size=16, small_block_size=8, stop_token=290, mask32_quirk=False)
+    assert c.sequences[0].tolist() == d.sequences[0].tolist() and c.nfe == d.nfe
+    # SDAR generate.py overwrites the prompt tail when the quota exceeds the masks left; overwrite=False keeps it
+    p18 = [list(range(5, 23))]
+    q = _run(sdar, "sdar", p18, 32, block_length=8, denoising_steps=1, remasking_strategy="low_confidence_static")
+    r = _run(sdar, "sdar", p18, 32, block_length=8, denoising_steps=1, remasking_strategy="low_confidence_static",
+             overwrite=False)
+    assert q.sequences[0][:18].tolist() != p18[0] and r.sequences[0][:18].tolist() == p18[0]
+
+
+def test_generate_api_and_cli_default_preset(fixtures, capsys):
+    from dllm_jax.cli import main
+
+    assert main(["generate", "--model", str(fixtures / "sdar_tiny"), "--ids", "1,2,3,4,5,6", "--gen-length",
+                 "8"]) == 0
+    err = capsys.readouterr().err
+    assert "[sdar_eval]" in err
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "== fastdllm_v2 (default: fastdllm_v2)" in out and "== sdar (default: sdar_eval)" in out
+    assert "fastdllm_v2_batch" in out.split("== fastdllm_v2")[1]
+
+
+# ---------------------------------------------------------------------------------------------- sharded == single
+
+SHARDED = [
+    ("fastdllm_v2", "fastdllm_v2", "left", dict(block_size=16, small_block_size=8, threshold=0.7,
+                                                use_block_cache=True, stop_token=290)),
+    ("fastdllm_v2", "fastdllm_v2_batch", "right_masked", dict(block_size=16, small_block_size=4, threshold=0.7,
+                                                              use_block_cache=True, stop_token=35, pad_token_id=291)),
+    ("sdar", "sdar_eval", "left", dict(block_length=4, denoising_steps=2, threshold=0.9)),
+]
+
+
+@pytest.mark.parametrize("fam,name,layout,kw", SHARDED, ids=[s[1] for s in SHARDED])
+def test_sharded_2x4_equals_single_device(fdv2, sdar, fam, name, layout, kw):
+    """A ("data", "model") = 2 x 4 mesh of fake CPU devices: batch over data, heads / MLP / vocab over model; the
+    same tokens and NFE as one device."""
+    import jax
+
+    from dllm_jax import sharding
+    from dllm_jax.engine.block_runner import generate_blocks
+    from dllm_jax.presets import make_schedule
+
+    assert len(jax.devices()) == 8
+    model = fdv2 if fam == "fastdllm_v2" else sdar
+    base = list(range(7, 47))
+    prompts = [base, base[::-1]] if layout == "left" else [base[:29], base]
+    sched = make_schedule(name, 48, model.cfg, **kw)
+    one = generate_blocks(model, prompts, schedule=sched, layout=layout)
+    mesh = sharding.make_mesh(2, 4)
+    many = generate_blocks(model, prompts, schedule=sched, layout=layout, mesh=mesh)
+    assert [s.tolist() for s in many.sequences] == [s.tolist() for s in one.sequences]
+    assert many.nfe == one.nfe and many.nfe_per_row.tolist() == one.nfe_per_row.tolist()
+
+
+@pytest.mark.parametrize("rule", ["threshold", "hierarchical", "credit", "quota"])
+def test_block_cache_exact_for_other_rules(sdar, rule):
+    """Existing acceptance rules on a block-causal model: BlockWindow x rule x BlockCache (finished blocks' K/V cached,
+    one store forward per block) gives the same tokens as recomputing [0, block end) every forward (NoBlockCache,
+    no store forward): NFE differs by exactly the store forwards and the prefill."""
+    from dllm_jax.engine import Schedule, Threshold
+    from dllm_jax.engine.block_diffusion import BlockCache, BlockWindow, NoBlockCache, QuotaThreshold
+    from dllm_jax.engine.block_runner import generate_blocks
+    from dllm_jax.engine.dinfer import CreditThreshold, Hierarchical
+
+    acc = {"threshold": Threshold(threshold=0.6), "hierarchical": Hierarchical(threshold=0.8, run_threshold=0.4),
+           "credit": CreditThreshold(threshold=0.7, slots=8), "quota": QuotaThreshold(block_length=8, steps=4,
+                                                                                      threshold=0.9)}[rule]
+    prompts = [list(range(9, 27)), list(range(40, 58))]
+
+    def run(cached):
+        win = BlockWindow(block_size=8, new_tokens=24, complete="store" if cached else "none", prefill=cached,
+                          lockstep=False)
+        cache = BlockCache(window=win) if cached else NoBlockCache(window=win)
+        return generate_blocks(sdar, prompts, schedule=Schedule(window=win, accept=acc, cache=cache, name=rule))
+
+    a, b = run(True), run(False)
+    assert [s.tolist() for s in a.sequences] == [s.tolist() for s in b.sequences]
+    n_blocks = -(-(18 + 24) // 8) - 18 // 8
+    assert (a.nfe_per_row - b.nfe_per_row).tolist() == [n_blocks + 1] * 2  # store forwards + the prefill
+
+
+@pytest.mark.parametrize("P,nfe,extra", [(20, 0, 0), (40, 1, 0), (64, 1, 1)])
+def test_fastdllm_v2_fewer_new_tokens_than_a_block(fdv2, P, nfe, extra):
+    """max_new_tokens < block_size: no block is decoded; the official code still makes the prefix forward when the
+    prompt is longer than a block and appends its autoregressive token when the prompt ends on a block boundary."""
+    prompt = [list(range(3, 3 + P))]
+    out = _run(fdv2, "fastdllm_v2", prompt, 16, block_size=32, small_block_size=8, stop_token=290)
+    assert out.nfe == nfe and len(out.sequences[0]) == P + extra
+    assert out.sequences[0][:P].tolist() == prompt[0]

@@ -97,6 +97,9 @@ class BlockWindow(Window):
     # (Fast-dLLM generate: cut after the first stop token, row-major), "rows" (batch_sample: one sequence per row, a
     # finished row up to its block end + 1), "generated" (the demo: generated ids after the prompt and first token)
     output: str = "canvas"
+    # a prefill forward of the prompt's whole blocks (samplers without a KV cache recompute the prompt in every
+    # forward and make none: prefill=False)
+    prefill: bool = True
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _bl(self):
@@ -154,7 +157,7 @@ class BlockWindow(Window):
             end = jnp.broadcast_to(jnp.max(m0) // bl, (B,)) + self.new_tokens // bl
         else:
             end = -(-(m0 + self.new_tokens) // bl)
-        prefill = k0 >= 1
+        prefill = (k0 >= 1) & self.prefill
         pre_ar = prefill & (m0 == k0 * bl) & (self.complete == "ar")  # prompt ends on a block boundary
         s0 = origin + k0 * bl
         st = {
@@ -247,7 +250,7 @@ class BlockWindow(Window):
         if not self.ar_token_quirk:
             return st["alive"]
         # batch_sample: only rows whose prompt ended before the block end (or at it when no prompt is longer)
-        longest = jnp.max(jnp.where(st["alive"], st["m0"], 0))
+        longest = jnp.max(st["m0"])  # the official tensor keeps its width when finished rows leave
         mbe = be - st["origin"]
         return (st["m0"] < mbe) | ((st["m0"] == mbe) & (longest <= mbe))
 

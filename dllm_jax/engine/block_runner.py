@@ -86,7 +86,8 @@ def _layout(rows, win: BlockWindow, layout: str, mask_id: int, pad_id: int):
     for b in range(B):  # left pads, and with the quirk the prompt block the model never sees
         valid[b, :origin[b]] = False
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
-    return x, valid, positions, P, L, lens, origin
+    nothing = bool(np.all(k0 >= end) and (not win.prefill or np.all(k0 < 1)))  # no block, no prefill
+    return x, valid, positions, P, L, lens, origin, nothing
 
 
 def generate_blocks(model, prompt_ids, *, schedule, layout: str = "left", seed=0, mesh=None) -> BlockOutput:
@@ -96,6 +97,8 @@ def generate_blocks(model, prompt_ids, *, schedule, layout: str = "left", seed=0
     win = schedule.window
     if not isinstance(win, BlockWindow):
         raise BlockRunError(f"schedule {schedule.name!r} is not a block-diffusion schedule")
+    if hasattr(win, "adapt_model"):  # the attention of the family's official forwards (LLaDA2.1: a 0/1 bias)
+        model = win.adapt_model(model)
     cfg = model.cfg
     rows = _rows(prompt_ids)
     if not rows or any(len(r) == 0 for r in rows):
@@ -111,7 +114,8 @@ def generate_blocks(model, prompt_ids, *, schedule, layout: str = "left", seed=0
         raise BlockRunError(f"prompts of different lengths {sorted(lens)}: the official batched function takes equal "
                             "lengths; pass lockstep=False (each row decoded as on its own) or use the batch_sample "
                             "preset (right-padded ragged batches)")
-    x, valid, positions, P, L, lens_np, origin = _layout(rows, win, layout, cfg.mask_token_id, cfg.pad_token_id)
+    x, valid, positions, P, L, lens_np, origin, nothing = _layout(rows, win, layout, cfg.mask_token_id,
+                                                                  cfg.pad_token_id)
     if int(positions.max()) + 1 > cfg.max_seq_len:
         raise BlockRunError(f"prompt + generation needs {int(positions.max()) + 1} positions, more than the model's "
                             f"maximum length {cfg.max_seq_len}")
@@ -122,11 +126,10 @@ def generate_blocks(model, prompt_ids, *, schedule, layout: str = "left", seed=0
         schedule.accept.validate(ctx, win)
     except ValueError as e:
         raise BlockRunError(str(e)) from None
-    nothing = win.new_tokens // win.block_size == 0 and win.end_rule != "ceil" and int(lens_np.min()) <= win.block_size
     if nothing:  # no block to decode and no prefill forward: the prompt comes back, no forward is made
-        out = {"x": x, "nfe": np.zeros(len(rows), np.int32), "steps": 0,
-               "unfinished": np.zeros(len(rows), bool), "w": None}
-        return _finish(win, layout, ctx, rows, out, origin, 0.0, 0.0)
+        seqs = [np.asarray(r[len(r):] if win.output == "generated" else r, np.int32) for r in rows]
+        return BlockOutput(sequences=seqs, canvas=x, nfe=0, nfe_per_row=np.zeros(len(rows), np.int32), prompt_len=P,
+                           compile_time_s=0.0, run_time_s=0.0, unfinished=np.zeros(len(rows), bool), state=None)
     keys = jax.vmap(jax.random.key)(jnp.asarray(np.uint32(seed) + np.arange(len(rows), dtype=np.uint32)))
     sched = schedule.replace(max_nfe=schedule.max_nfe or (L + 4) * 2)
     static_sched, dyn_values = sched.split_dynamic()
@@ -162,8 +165,12 @@ def _finish(win, layout, ctx, rows, out, origin, tc, tr) -> BlockOutput:
     x = out["x"]
     B, P, L = ctx.batch, ctx.prompt_len, ctx.total_len
     starts = [P - len(r) if layout == "left" else 0 for r in rows]
-    seqs = [x[b, starts[b]:] for b in range(B)]
     w = out.get("w")
+    ends = [L] * B
+    if w is not None:  # a row's canvas ends with its own last block (+ the completion token)
+        ends = [int(max(w["origin"][b] + w["end"][b] * win.block_size + (win.complete == "ar"),
+                        w["gen0"][b] + w["pre_ar"][b])) for b in range(B)]
+    seqs = [x[b, starts[b]:min(ends[b], L)] for b in range(B)]
     if win.output in ("truncate_stop", "generated"):
         orig = (np.asarray(w["orig"]) - np.asarray(starts)) if w is not None else np.array([len(r) for r in rows])
         cuts = []
@@ -182,3 +189,27 @@ def _finish(win, layout, ctx, rows, out, origin, tc, tr) -> BlockOutput:
     steps = int(out["steps"])
     return BlockOutput(sequences=seqs, canvas=x, nfe=steps, nfe_per_row=np.asarray(out["nfe"]), prompt_len=P,
                        compile_time_s=tc, run_time_s=tr, unfinished=np.asarray(out["unfinished"]), state=w)
+
+
+def generate_output(model, prompt_ids, gen_length, schedule, attention_mask=None, seed=0, mesh=None, trace=False):
+    """`dllm_jax.generate` for a block-diffusion schedule: the run as a GenerateOutput over the final canvas
+    (sequences [B, L] left-padded; `nfe` per row; gen_lengths up to the first EOS). The official return value of the
+    preset's function is `generate_blocks(...).sequences`."""
+    from dllm_jax.generate import GenerateOutput, ScheduleError, _lengths_to_eos
+
+    if trace or attention_mask is not None:
+        raise ScheduleError(f"schedule {schedule.name!r} (block diffusion): trace= and attention_mask= are not "
+                            "supported; pass prompts as token lists")
+    if schedule.gen_length is not None and schedule.gen_length != gen_length:
+        raise ScheduleError(f"the schedule was built for gen_length {schedule.gen_length}, but gen_length="
+                            f"{gen_length} was requested")
+    layout = "right_masked" if schedule.name == "fastdllm_v2_batch" else "left"
+    try:
+        out = generate_blocks(model, prompt_ids, schedule=schedule, layout=layout, seed=seed, mesh=mesh)
+    except BlockRunError as e:
+        raise ScheduleError(str(e)) from None
+    P = out.prompt_len
+    gen = out.canvas[:, P:]
+    return GenerateOutput(sequences=out.canvas, generated=gen, prompt_len=P, nfe=out.nfe_per_row,
+                          gen_lengths=_lengths_to_eos(gen, model.cfg.eos_token_id), compile_time_s=out.compile_time_s,
+                          run_time_s=out.run_time_s, loop_iterations=out.nfe, unfinished=out.unfinished)

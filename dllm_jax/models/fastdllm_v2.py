@@ -10,4 +10,5 @@ from dllm_jax.models.qwen_block import weight_table
 
 FAMILY = "fastdllm_v2"
 WEIGHT_TABLE = weight_table(qkv_bias=True, qk_norm=False)
-DEFAULT_PRESET = "fastdllm_v2"
+DEFAULT_PRESET = "fastdllm_v2"  # `dllm-jax generate --model DIR` without --schedule
+PRESETS = ("fastdllm_v2", "fastdllm_v2_batch", "fastdllm_v2_vis")  # made for this family (`dllm-jax presets`)

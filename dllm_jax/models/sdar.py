@@ -11,4 +11,5 @@ from dllm_jax.models.qwen_block import weight_table
 FAMILY = "sdar"
 # bias names listed for attention_bias=true configs; without it a checkpoint holding biases is reported as unexpected
 WEIGHT_TABLE = weight_table(qkv_bias=True, qk_norm=True)
-DEFAULT_PRESET = "sdar_eval"
+DEFAULT_PRESET = "sdar_eval"  # `dllm-jax generate --model DIR` without --schedule
+PRESETS = ("sdar_eval", "sdar")  # made for this family (`dllm-jax presets`)

@@ -415,3 +415,18 @@ def test_fastdllm_v2_fewer_new_tokens_than_a_block(fdv2, P, nfe, extra):
     out = _run(fdv2, "fastdllm_v2", prompt, 16, block_size=32, small_block_size=8, stop_token=290)
     assert out.nfe == nfe and len(out.sequences[0]) == P + extra
     assert out.sequences[0][:P].tolist() == prompt[0]
+
+
+def test_fastdllm_dual_cache_exact_on_block_causal_model(sdar):
+    """The existing fixed-blocks schedulers on a block-causal model (blocks of the model's size, aligned with the
+    prompt bucket): the dual cache gives the same tokens as recomputing every forward (no logit shift: SDAR)."""
+    from dllm_jax.generate import generate
+    from dllm_jax.presets import make_schedule
+
+    m = sdar.with_block_causal(4, whole_prompt=False)
+    prompts = [list(range(5, 21)), list(range(30, 41))]
+    kw = dict(block_length=4, threshold=0.7)
+    ref = generate(m, prompts, gen_length=16, schedule=make_schedule("fastdllm", 16, m.cfg, **kw))
+    for name in ("fastdllm_dual", "fastdllm_prefix"):
+        out = generate(m, prompts, gen_length=16, schedule=make_schedule(name, 16, m.cfg, **kw))
+        np.testing.assert_array_equal(out.sequences, ref.sequences)

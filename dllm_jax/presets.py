@@ -702,6 +702,11 @@ from dllm_jax.presets_block import BLOCK_PRESETS  # noqa: E402
 
 PRESETS.update(BLOCK_PRESETS)
 
+# LLaDA 2.x (LLaDA2.0 / LLaDA2.1 hub generate): engine/llada2.py over the block-diffusion policies
+from dllm_jax.presets_llada2 import LLADA2_PRESETS  # noqa: E402
+
+PRESETS.update(LLADA2_PRESETS)
+
 
 # wrappers that forward **kw to another preset function: (target, arguments the wrapper fixes itself)
 vanilla.preset_target, vanilla.preset_fixed = llada, ("steps",)

@@ -49,6 +49,9 @@ from dllm_jax.models.transformer import _embed, _head, _proj, _row_slice, _row_u
 from pallas_kernels.block_attention import api as attn_api
 
 FAMILY = "llada2_moe"
+DEFAULT_PRESET = "llada2"  # `dllm-jax generate --model DIR` without --schedule (dllm_jax/presets_llada2.py)
+PRESETS = ("llada2", "llada21")  # made for this family (`dllm-jax presets`)
+TRAIN_BLOCK = 32  # LLaDA 2.x block length (training, the hub generate's default, SGLang's serving block)
 MOE_IMPLS = ("auto", "ragged", "segment", "gather", "dense")
 MASK_MODES = ("hard", "soft01")
 
@@ -142,6 +145,7 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         qk_norm=True, rope_dim=rope_dim, n_experts=E, n_experts_per_tok=k, moe_hidden=int(need("moe_intermediate_size")),
         n_shared_experts=int(hf.get("num_shared_experts") or 0), n_group=ng, topk_group=tg,
         routed_scaling=float(hf.get("routed_scaling_factor", 1.0)), first_dense_layers=fk,
+        extra=(("train_block_size", TRAIN_BLOCK),),
     )
 
 
@@ -161,18 +165,21 @@ def rope_partial(x_BxTxNxD, positions_BxT, rope_dim, theta):
     return jnp.concatenate([xr * cos + rot * sin, xp], axis=-1)
 
 
-def soft_block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT, block_size, key_end_BxT=None):
+def soft_block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_pos_BxT, block_size, key_end_BxT=None,
+                         k_pos_BxS=None):
     """LLaDA2.1 `generate`'s mask: the block pattern (key_block <= query_block) as 0/1 values passed as an additive
     float mask to SDPA, i.e. +1 on the scores of allowed keys and +0 elsewhere: no key is excluded (the quirk; the
-    later dllm fix `.log()`s it into 0/-inf). Keys outside key_valid (padding, positions past the forward's window)
-    are excluded as keys the official forward never had."""
+    later dllm fix `.log()`s it into 0/-inf). Blocks are counted in model positions (q_pos, k_pos), so a left-padded
+    row sees its own pattern. Keys outside key_valid (padding) or past key_end (the forward's window) are excluded
+    as keys the official forward never had."""
     B, T, H, D = q_BxTxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     G = H // K
     q = q_BxTxHxD.reshape(B, T, K, G, D)
     s = jnp.einsum("btkgd,bskd->bkgts", q, k_BxSxKxD, preferred_element_type=jnp.float32) * (D ** -0.5)
     k_idx = jnp.arange(S, dtype=jnp.int32)
-    allowed = (q_index_BxT[:, :, None] // block_size) >= (k_idx[None, None, :] // block_size)
+    k_pos = jnp.broadcast_to(k_idx, (B, S)) if k_pos_BxS is None else k_pos_BxS
+    allowed = (q_pos_BxT[:, :, None] // block_size) >= (k_pos[:, None, :] // block_size)
     s = s + allowed[:, None, None].astype(jnp.float32)
     m = jnp.broadcast_to(key_valid_BxS[:, None, :], (B, T, S))
     if key_end_BxT is not None:  # the forward's window [0, key_end): later keys do not exist for the official code
@@ -203,7 +210,7 @@ def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpre
     q = rope_partial(q, q_pos, rd, cfg.rope_theta)
     k = rope_partial(k_all, k_pos, rd, cfg.rope_theta)
     if cfg.block_causal and cfg.block_mask_mode == "soft01":
-        return soft_block_attention(q, k, v_all, key_valid_BxS, q_index, cfg.block_causal, key_end)
+        return soft_block_attention(q, k, v_all, key_valid_BxS, q_pos, cfg.block_causal, key_end, k_pos)
     block_size = cfg.block_causal
     if key_end is not None:  # the block-causal rule with blocks of 1 at q_index = key_end - 1
         q_index, block_size = key_end - 1, 1

@@ -228,10 +228,12 @@ def take(w: QArray, tokens):
 
 
 def _leaf_names(cfg: QuantConfig, tree=None):
+    # a tied head has no lm_head leaf (the head is embed.T): only the top leaves the tree has
+    top = [(k,) for k in cfg.top_leaves() if tree is None or k in tree]
     if tree is None or set(tree) <= {"layers", "embed", "lm_head", "final_norm"}:
-        return [("layers", k) for k in LINEAR] + [(k,) for k in cfg.top_leaves()]
+        return [("layers", k) for k in LINEAR] + top
     groups = [(g, k) for g, sub in tree.items() if isinstance(sub, dict) for k in LINEAR + MOE_LINEAR if k in sub]
-    return groups + [(k,) for k in cfg.top_leaves()]
+    return groups + top
 
 
 def _get(tree, path):

@@ -430,3 +430,19 @@ def test_fastdllm_dual_cache_exact_on_block_causal_model(sdar):
     for name in ("fastdllm_dual", "fastdllm_prefix"):
         out = generate(m, prompts, gen_length=16, schedule=make_schedule(name, 16, m.cfg, **kw))
         np.testing.assert_array_equal(out.sequences, ref.sequences)
+
+
+def test_tied_head_int8(fixtures, tmp_path):
+    """int8-all on a tied model quantizes the one embedding matrix; the head reads it (per-row scales) exactly as
+    the dequantized float embedding would."""
+    import dataclasses
+
+    import dllm_jax
+    from dllm_jax import quant
+
+    _tied_copy(fixtures / "fastdllm_v2_tiny", tmp_path / "tied")
+    q = dllm_jax.load(str(tmp_path / "tied"), quantize="int8-all")
+    assert isinstance(q.params["embed"], quant.QArray) and "lm_head" not in q.params
+    deq = dataclasses.replace(q, params={**q.params, "embed": quant.dequantize(q.params["embed"])})
+    ids = np.arange(3, 43)[None]
+    np.testing.assert_allclose(np.asarray(q.logits(ids)), np.asarray(deq.logits(ids)), atol=1e-4)

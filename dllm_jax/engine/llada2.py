@@ -1,8 +1,8 @@
 """LLaDA 2.x `generate` as block-diffusion policies: a BlockWindow (engine/block_diffusion.py) with the two things the
 official loops add, and nothing else of their own.
 
-* No prefill: LLaDA 2.x recomputes x[:, :block_end] at every step (NoBlockCache), so the prompt's whole blocks get no
-  forward of their own; decoding starts at the block holding the first masked position.
+* No prefill (`prefill=False`): LLaDA 2.x recomputes x[:, :block_end] at every step (NoBlockCache), so the prompt's
+  whole blocks get no forward of their own; decoding starts at the block holding the first masked position.
 * LLaDA2.0 `eos_early_stop` (`early_eos=True`): after a step whose committed tokens include eos_id, if no mask lies
   between the prompt end and the FIRST eos of the whole sequence (searched from position 0, prompt included), the
   official function returns x[:, :eos_pos + 1] at once (prompt included). The row is finished there and the window
@@ -22,7 +22,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from dllm_jax.engine.block_diffusion import DENOISE, DONE, PREFILL, BlockWindow
+from dllm_jax.engine.block_diffusion import DONE, BlockWindow
 from dllm_jax.engine.context import dynamic, first_true, iota_BxL
 from dllm_jax.engine.sampling import _softmax_f32
 
@@ -37,7 +37,7 @@ class LLaDA2Window(BlockWindow):
     editing: bool = False  # LLaDA2.1 token-to-token editing and post steps
     editing_threshold: float = dynamic(0.9)
     max_post_steps: int = dynamic(16)
-    prefill: bool = False  # True with the finished-block KV cache (cache="block"): the prompt's blocks are cached
+    prefill: bool = False  # no prefill forward (the official code recomputes the prompt); True with cache="block"
 
     # the attention of the official forwards: "soft01" = LLaDA2.1's 0/1 block pattern added as a bias (its keys
     # limited to the window end by NoBlockCache), "hard" = block-causal (the keys of every query end at its block end)
@@ -60,18 +60,10 @@ class LLaDA2Window(BlockWindow):
         return {"x0": x0, "p": p}
 
     def init_layout(self, ctx, x, key_valid, positions):
-        st = super().init_layout(ctx, x, key_valid, positions)
+        st = super().init_layout(ctx, x, key_valid, positions)  # prefill=False: no prefill forward
         B = ctx.batch
-        extra = {"ps": jnp.zeros((B,), jnp.int32), "early": jnp.zeros((B,), bool),
-                 "eos_pos": jnp.full((B,), ctx.total_len, jnp.int32)}
-        if self.prefill:
-            return {**st, **extra}
-        pre = st["kind"] == PREFILL  # no prefill forward in LLaDA 2.x: go straight to the first block
-        st = {**st, "kind": jnp.where(pre, DENOISE, st["kind"]).astype(jnp.int32)}
-        over = pre & (st["blk"] >= st["end"])
-        st = {**st, "kind": jnp.where(over, DONE, st["kind"]).astype(jnp.int32)}
-        st = self._decide(st, ctx, x, pre & ~over)
-        return {**st, "new_block": jnp.zeros((B,), bool), **extra}
+        return {**st, "ps": jnp.zeros((B,), jnp.int32), "early": jnp.zeros((B,), bool),
+                "eos_pos": jnp.full((B,), ctx.total_len, jnp.int32)}
 
     def coordinate(self, st, ctx, x, aux, did_full_B, n_commit_B, kv):
         if self.editing:

@@ -148,6 +148,23 @@ def write_outputs(rows, meta, out):
         lines.append(f"| {r['schedule']} | {r['mode']} | {r['rate']:g} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
                      f"{r['lat_p50']:.2f} | {r['lat_p99']:.2f} | {r['ttft_p50']:.2f} | {r['ttft_p99']:.2f} | "
                      f"{r['nfe_per_token']:.2f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["schedule"], r["rate"]), {}).setdefault(r["mode"], []).append(r)
+    lines += ["", "Median over repeats (ratio: requests/s over one-at-a-time's at the same offered rate):", "",
+              "| schedule | offered req/s | mode | runs | req/s (min-max) | tokens/s | p50 latency s | p99 latency s | "
+              "p50 TTFT s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (sched, rate), by_mode in groups.items():
+        base = by_mode.get("one-at-a-time")
+        base_rps = float(np.median([r["req_per_s"] for r in base])) if base else None
+        for mode, rs in by_mode.items():
+            med = {k: float(np.median([r[k] for r in rs])) for k in ("req_per_s", "tok_per_s", "lat_p50", "lat_p99",
+                                                                      "ttft_p50")}
+            rps = [r["req_per_s"] for r in rs]
+            ratio = f"{med['req_per_s'] / base_rps:.2f}x" if base_rps else "-"
+            lines.append(f"| {sched} | {rate:g} | {mode} | {len(rs)} | {med['req_per_s']:.2f} ({min(rps):.2f}-"
+                         f"{max(rps):.2f}) | {med['tok_per_s']:.1f} | {med['lat_p50']:.2f} | {med['lat_p99']:.2f} | "
+                         f"{med['ttft_p50']:.2f} | {ratio} |")
     with open(out + ".table.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -215,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--rates", action="append", metavar="SCHEDULE=R1,R2,...")
     ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per (rate, mode), interleaved; the summary takes "
+                                                          "the median")
     ap.add_argument("--schedules", default="vanilla,fastdllm_dual")
     ap.add_argument("--modes", default="continuous,one-at-a-time,static")
     ap.add_argument("--out", default="docs/benchmarks/serving")
@@ -253,17 +272,17 @@ def main(argv=None) -> int:
                 args = ["--schedule", sched, *SCHEDULES[sched], *MODES[mode](a.slots)]
                 servers[mode] = start_server(args, f"/tmp/serve_load_{sched}_{mode}.log")
                 asyncio.run(run_rate(servers[mode][1], prompts[:4], 100.0, 99))  # warm the HTTP path
-            for k, rate in enumerate(rates[sched]):
+            for k, rate in enumerate(rates[sched] * a.repeats):
                 for mode in modes:
                     base = servers[mode][1]
                     m0 = metrics(base)
                     load0 = os.getloadavg()[0]
-                    res = asyncio.run(run_rate(base, prompts, rate, seed=k))
+                    res = asyncio.run(run_rate(base, prompts, rate, seed=k % len(rates[sched])))
                     m1 = metrics(base)
                     s = summarize(res)
                     fw = m1["dllm_forwards_total"] - m0["dllm_forwards_total"]
                     tk = m1["dllm_generated_tokens_total"] - m0["dllm_generated_tokens_total"]
-                    row = {"schedule": sched, "mode": mode, "rate": rate, **s, "nfe_per_token": fw / max(tk, 1),
+                    row = {"schedule": sched, "mode": mode, "rate": rate, "repeat": k // len(rates[sched]), **s, "nfe_per_token": fw / max(tk, 1),
                            "load_before": load0, "load_after": os.getloadavg()[0]}
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -89,7 +89,8 @@ class Batcher:
     """Owns the slot groups and the scheduler thread.
 
     make_group(key) -> SlotGroup builds the group of a key (the app knows schedules and buckets); decode(ids) -> str.
-    chunk: loop iterations per device call (the host gets control back at least this often to stream and refill).
+    chunk: loop iterations per device call when the group is full (a quarter of it while a slot is free, so new
+    arrivals are admitted sooner); the host gets control back at least this often to stream and refill.
     static: static batching instead of continuous (a baseline for benchmarks/serve_load.py).
     """
 
@@ -270,7 +271,10 @@ class Batcher:
                         live = [g for g in self.groups.values() if g.busy()]
                     grp = live[next(self._rr) % len(live)]
                     waiting_here = any(r.group_key == grp.key for r in self.waiting)
-                views = grp.step(self.chunk, stop_on_finish=waiting_here)
+                    # with a free slot, come back sooner so that a request arriving meanwhile waits less
+                    full = grp.busy() == grp.n or self.static
+                    chunk = self.chunk if full else max(1, self.chunk // 4)
+                views = grp.step(chunk, stop_on_finish=waiting_here)
                 with self.cv:
                     self.metrics.chunks += 1
                     self._observe(grp, views)

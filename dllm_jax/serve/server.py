@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-sizes", default="auto",
                     help="physical batch sizes compiled below --slots (a chunk runs the occupied slots in the smallest "
                          "that holds them; idle slots then cost no compute); auto: powers of two, 'none': only --slots")
-    ap.add_argument("--prompt-buckets", default="32,64,128", help="prompt lengths compiled (multiples of 32, as "
+    ap.add_argument("--prompt-buckets", default="32,64", help="prompt lengths compiled (multiples of 32, as "
                                                                    "`generate` pads a prompt alone)")
-    ap.add_argument("--gen-buckets", default="32,64,128", help="generation lengths compiled; max_tokens is rounded "
+    ap.add_argument("--gen-buckets", default="32,64", help="generation lengths compiled; max_tokens is rounded "
                                                                 "up to the next one")
     ap.add_argument("--default-max-tokens", type=int, default=64)
     ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
-    ap.add_argument("--chunk", type=int, default=8, help="loop iterations per device call")
+    ap.add_argument("--chunk", type=int, default=8, help="loop iterations per device call (a quarter of it while "
+                                                         "a slot of the group is free)")
     ap.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                     help="static: refill a slot group only when all its requests finished (a benchmark baseline)")
     ap.add_argument("--no-compile-on-demand", action="store_true",
@@ -97,10 +98,14 @@ def make_server(a):
                       default_max_tokens=a.default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
                       max_programs=a.max_programs, mesh=mesh, batch_sizes=sizes)
     server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk, "static": a.batching == "static"})
+    n_sizes = len(set(sizes) | {a.slots})
+    print(f"[serve] compiling {len(p_buckets) * len(g_buckets) * n_sizes} programs ({len(p_buckets)} prompt x "
+          f"{len(g_buckets)} gen buckets x {n_sizes} batch sizes; DLLM_JAX_CACHE_DIR=DIR keeps them across restarts)",
+          file=sys.stderr, flush=True)
     try:
         n, secs = server.warm()
     except ApiError as e:
-        raise ValueError(f"--schedule {a.schedule} {settings or ''}: {e.message}") from None
+        raise ValueError(f"--schedule {a.schedule}{' ' + str(settings) if settings else ''}: {e.message}") from None
     return server, n, secs
 
 

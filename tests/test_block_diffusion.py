@@ -190,15 +190,14 @@ def test_sdar_moe_config_is_a_clear_error(fixtures, tmp_path):
 GEN_FILES = {"fastdllm_v2": "fastdllm_v2_generate.json", "sdar": "sdar_generate.json"}
 # one case of every group/function runs by default; every case with `-m slow` (
 # test_golden_generation_all)
-QUICK = {
-    "fastdllm_v2": ["gen_b1_p40_g64_bs32_sbs8_th0.9_blockcache", "gen_b1_p40_g72_bs24_sbs8_th0.9_blockcache",
-                    "gen_b1_p32_g64_bs32_sbs8_th0.25_nocache", "gen_b2_p40_g96_bs32_sbs8_th0.9_nocache_stop35",
+QUICK = {  # (sub-block cache + the 32-mask split; batched stop; ragged batch with the completion-token quirk and
+    # per-row stop; the demo with stop) and (eval batch with stop; prompt shorter than a block; prompt overwrite)
+    "fastdllm_v2": ["gen_b1_p40_g72_bs24_sbs8_th0.9_blockcache", "gen_b2_p40_g96_bs32_sbs8_th0.9_nocache_stop35",
                     "bsample_ragged_lens40-64-70_g64_bs32_sbs8_th0.9_blockcache",
                     "bsample_ragged_lens12-29-40_g96_bs32_sbs8_th0.9_nocache_stop35",
-                    "bsample_ragged_lens32-40_g64_bs32_sbs8_th0.25_nocache", "vis_p40_g96_bs16_sbs4_th0.7_stop35"],
-    "sdar": ["eval_b1_p16_g32_bl8_s4_th0.7", "eval_b1_p5_g32_bl8_s4_th0.9", "eval_b2_p16_g64_bl4_s4_th0.9_stop82",
-             "sdar_b1_p18_g32_bl8_s1_static", "sdar_b1_p5_g32_bl4_s2_sequential",
-             "sdar_b1_p16_g64_bl8_s8_sequential_stop185", "dllmrl_b1_p18_g32_bl4_s1_dynamic0.85"],
+                    "vis_p40_g96_bs16_sbs4_th0.7_stop35"],
+    "sdar": ["eval_b2_p16_g64_bl4_s4_th0.9_stop82", "eval_b1_p5_g32_bl8_s4_th0.9", "sdar_b1_p18_g32_bl8_s1_static",
+             "sdar_b1_p16_g64_bl8_s8_sequential_stop185"],
 }
 
 
@@ -358,7 +357,9 @@ SHARDED = [
 ]
 
 
-@pytest.mark.parametrize("fam,name,layout,kw", SHARDED, ids=[s[1] for s in SHARDED])
+@pytest.mark.parametrize("fam,name,layout,kw", [pytest.param(*s, marks=[pytest.mark.slow] if s[1].endswith("batch")
+                                                                else []) for s in SHARDED],
+                         ids=[s[1] for s in SHARDED])
 def test_sharded_2x4_equals_single_device(fdv2, sdar, fam, name, layout, kw):
     """A ("data", "model") = 2 x 4 mesh of fake CPU devices: batch over data, heads / MLP / vocab over model; the
     same tokens and NFE as one device."""
@@ -380,7 +381,8 @@ def test_sharded_2x4_equals_single_device(fdv2, sdar, fam, name, layout, kw):
     assert many.nfe == one.nfe and many.nfe_per_row.tolist() == one.nfe_per_row.tolist()
 
 
-@pytest.mark.parametrize("rule", ["threshold", "hierarchical", "credit", "quota"])
+@pytest.mark.parametrize("rule", ["credit", "quota", pytest.param("threshold", marks=pytest.mark.slow),
+                                  pytest.param("hierarchical", marks=pytest.mark.slow)])
 def test_block_cache_exact_for_other_rules(sdar, rule):
     """Existing acceptance rules on a block-causal model: BlockWindow x rule x BlockCache (finished blocks' K/V cached,
     one store forward per block) gives the same tokens as recomputing [0, block end) every forward (NoBlockCache,

@@ -49,7 +49,8 @@ def test_golden_logits(model, gold, key, ids, block, mode):
     assert np.abs(np.asarray(logits) - gold[key]).max() < TOL
 
 
-@pytest.mark.parametrize("impl", ["dense", "gather", "segment", "ragged"])
+@pytest.mark.parametrize("impl", ["segment", "ragged", pytest.param("dense", marks=pytest.mark.slow),
+                                  pytest.param("gather", marks=pytest.mark.slow)])
 def test_router_topk_and_weights_per_layer(model, gold, impl):
     cfg = model.cfg.replace(block_causal=32, moe_impl=impl)
     logits, _, (rl, idx, w) = llada2_moe.forward_with_routing(model.params, cfg, jnp.asarray(gold["input_ids"]))
@@ -81,9 +82,14 @@ def test_grouped_expert_impls_equal_dense_reference(quantized):
         assert not isinstance(params["moe"]["router"], quant.QArray)
     mp = jax.tree.map(lambda a: a[0], params["moe"])
     x = jax.random.normal(jax.random.key(1), (3, 7, cfg.d_model))
-    ref = llada2_moe.moe_mlp(cfg.replace(moe_impl="dense"), mp, x)
+
+    def run(impl):
+        c = cfg.replace(moe_impl=impl)
+        return jax.jit(lambda mp, x: llada2_moe.moe_mlp(c, mp, x))(mp, x)
+
+    ref = run("dense")
     for impl in ("gather", "segment", "ragged"):
-        got = llada2_moe.moe_mlp(cfg.replace(moe_impl=impl), mp, x)
+        got = run(impl)
         np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=1e-5)
 
 
@@ -224,7 +230,7 @@ def test_moe_sharding_rules_expert_and_tensor_parallel(model):
     assert sharding.mesh_from_spec("data=1,expert=2,model=4").shape == {"data": 1, "expert": 2, "model": 4}
 
 
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [pytest.param(None, marks=pytest.mark.slow), "int8"])
 def test_sharded_restore_lands_in_the_expert_layout(fixtures, tmp_path, model, gold, quantize):
     from convert.hf_to_flax import main as convert_main
     from dllm_jax import sharding

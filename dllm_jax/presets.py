@@ -770,8 +770,20 @@ def _check_args(name: str, kw: dict) -> None:
         if isinstance(d, bool) and not isinstance(v, bool):
             raise PresetError(f"{name}: {k} must be true or false, got {v!r}")
         numeric = (isinstance(d, (int, float)) and not isinstance(d, bool)) or (d is None and k in _NUMERIC)
-        if numeric and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+        if numeric and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) \
+                and not _float_text(v):
             raise PresetError(f"{name}: {k} must be a number, got {v!r}")
+
+
+def _float_text(v) -> bool:
+    """A string the official code's JSON writes for a float ("inf", "1e-3"): the presets convert it."""
+    if not isinstance(v, str):
+        return False
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True
 
 
 def make_schedule(name: str, gen_length: int, model_cfg: ModelConfig | None = None, **kw) -> Schedule:

@@ -1,0 +1,368 @@
+"""Side by side: the official PyTorch LLaDA / Fast-dLLM generate functions against our presets, same checkpoint.
+
+    pip install torch==2.13.0 einops        # benchmark only: torch is NOT a dependency of dllm-jax
+    python benchmarks/vs_pytorch.py --llada-repo PATH/LLaDA --fastdllm-repo PATH/Fast-dLLM \
+        [--cases llada_g128_b1,fastdllm_dual_g128] [--repeats 2] [--out docs/benchmarks/vs_pytorch.md]
+
+The official code is imported at run time from the two checkouts (ML-GSAI/LLaDA `generate.py`; NVlabs/Fast-dLLM
+`llada/generate.py` and its model `llada/model/modeling_llada.py`, which both functions run, as in the golden data);
+nothing of it is copied here. The model is built from the official class directly (no `from_pretrained`, so any
+transformers version works), given seeded random weights drawn the way the golden checkpoints were (embeddings
+N(0,1); linear N(0,1)/sqrt(fan_in), q/k x3, v/out x2; norms 1 + 0.1 N(0,1); LM head N(0,1)/sqrt(d) x6 with the mask
+row 0, so softmaxes are peaked and threshold decoding commits several tokens per forward), and saved as an HF
+safetensors dir that `dllm_jax.load` reads: both sides run the same float32 weights.
+
+Protocol per case: one untimed run of each side (ours: compile + run) whose tokens and NFE are compared; then
+`--repeats` timed runs, alternating official / ours so both see the same machine load; min and median reported.
+torch runs on CPU with `--threads` threads (default 2) and TORCHDYNAMO_DISABLE=1 (Fast-dLLM wraps SDPA in
+torch.compile; disabled, the eager kernel runs, same maths). Our time is the compiled program's wall time
+(`GenerateOutput.run_time_s`, device->host copy included, compile excluded). Counting rule: NFE = model forwards
+(official: calls of the model, counted by a forward pre-hook, equal to the returned nfe where one is returned;
+ours: `GenerateOutput.nfe`, forwards per row, batched forwards counted once per row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# On a machine loaded past its core count, OpenMP's default busy-waiting makes 2-thread torch 3-5x slower than
+# 1-thread torch (measured here at load ~10 on 2 cores: one d512 forward 1.8-3.0 s vs 0.38-0.56 s); passive waiting
+# removes most of that. Set before torch is imported; pass OMP_WAIT_POLICY=ACTIVE to measure the default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+# The benchmark's model (the issue's shape): LLaDA-8B architecture at d_model 512.
+MODEL_SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1376, vocab_size=32000)
+MASK_ID, EOS_ID = 31999, 31998
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    label: str
+    fn: str          # "llada.generate" | "fastdllm.generate" | "fastdllm.generate_with_prefix_cache" | ..._dual_cache
+    preset: str
+    gen: int
+    batch: int
+    kw: dict
+
+
+def _cases():
+    out = []
+    for g, b in ((128, 1), (256, 1), (128, 4)):
+        out.append(Case(f"llada_g{g}_b{b}", f"LLaDA generate, one token per step ({g}, {b})", "llada.generate",
+                        "llada", g, b, dict(steps=g, block_length=32)))
+    for g in (128, 256):
+        for fn, preset, lab in (("generate_with_dual_cache", "fastdllm_dual", "dual cache"),
+                                ("generate_with_prefix_cache", "fastdllm_prefix", "prefix cache"),
+                                ("generate", "fastdllm", "no cache")):
+            out.append(Case(f"{preset}_g{g}", f"Fast-dLLM {lab}, threshold 0.9 ({g}, 1)", f"fastdllm.{fn}", preset,
+                            g, 1, dict(steps=g, block_length=32, threshold=0.9)))
+    return out
+
+
+CASES = {c.name: c for c in _cases()}
+
+
+# ----------------------------------------------------------------------------------------------- official side
+def import_official(llada_repo: str, fastdllm_repo: str):
+    """(LLaDA generate module, Fast-dLLM generate module, LLaDAModelLM, LLaDAConfig), imported from the checkouts."""
+    fl = os.path.join(fastdllm_repo, "llada")
+    for p, what in ((os.path.join(llada_repo, "generate.py"), "--llada-repo"),
+                    (os.path.join(fl, "generate.py"), "--fastdllm-repo"),
+                    (os.path.join(fl, "model", "modeling_llada.py"), "--fastdllm-repo")):
+        if not os.path.isfile(p):
+            raise SystemExit(f"{what}: {p} not found (expected a checkout of "
+                             f"{'ML-GSAI/LLaDA' if what == '--llada-repo' else 'NVlabs/Fast-dLLM'})")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit("this benchmark needs torch (benchmark only): pip install torch==2.13.0 einops") from None
+    if fl not in sys.path:
+        sys.path.insert(0, fl)  # Fast-dLLM's generate.py imports `model.modeling_llada`
+
+    def load(name, path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    llada_gen = load("official_llada_generate", os.path.join(llada_repo, "generate.py"))
+    fast_gen = load("official_fastdllm_generate", os.path.join(fl, "generate.py"))
+    from model.configuration_llada import LLaDAConfig
+    from model.modeling_llada import LLaDAModelLM
+    return llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig
+
+
+def hf_config(max_seq=4096) -> dict:
+    s = MODEL_SHAPE
+    return {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama", "d_model": s["d_model"],
+        "embedding_dropout": 0.0, "embedding_size": s["vocab_size"], "eos_token_id": EOS_ID,
+        "flash_attention": False, "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None,
+        "init_device": "cpu", "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
+        "layer_norm_type": "rms", "layer_norm_with_affine": True, "mask_token_id": MASK_ID,
+        "max_sequence_length": max_seq, "mlp_hidden_size": s["mlp_hidden_size"], "mlp_ratio": 4,
+        "model_type": "llada", "multi_query_attention": None, "n_heads": s["n_heads"],
+        "n_kv_heads": s["n_kv_heads"], "n_layers": s["n_layers"], "pad_token_id": EOS_ID, "precision": "amp_bf16",
+        "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True, "rope_full_precision": True,
+        "rope_theta": 500000.0, "scale_logits": False, "torch_dtype": "float32", "use_cache": False,
+        "vocab_size": s["vocab_size"], "weight_tying": False,
+    }
+
+
+def build_official_model(LLaDAModelLM, LLaDAConfig, ckpt_dir: str, seed: int):
+    """The official model with golden-style random weights; writes ckpt_dir (config.json + model.safetensors) once
+    and loads those weights back (so both sides run exactly the saved tensors)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    cfg_dict = hf_config()
+    config = LLaDAConfig(**cfg_dict)
+    try:
+        config.use_cache
+    except AttributeError:  # transformers 5 drops it from the config; the model reads it when use_cache is None
+        config.use_cache = False
+    model = LLaDAModelLM(config, init_params=False).eval()
+    st = os.path.join(ckpt_dir, "model.safetensors")
+    meta = os.path.join(ckpt_dir, "vs_pytorch_seed.json")
+    fresh = not (os.path.isfile(st) and os.path.isfile(meta) and json.load(open(meta)).get("seed") == seed
+                 and json.load(open(meta)).get("shape") == MODEL_SHAPE)
+    if fresh:
+        g = torch.Generator().manual_seed(seed)
+        sd = {}
+        d = MODEL_SHAPE["d_model"]
+        for name, p in sorted(model.state_dict().items()):
+            r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("wte.weight"):
+                w = r
+            elif name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                w = 1.0 + 0.1 * r
+            elif name == "model.transformer.ff_out.weight":  # LM head
+                w = r / d ** 0.5 * 6.0
+                w[MASK_ID] = 0.0
+            else:
+                w = r / p.shape[1] ** 0.5
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    w = w * 3.0
+                elif name.endswith(("v_proj.weight", "attn_out.weight")):
+                    w = w * 2.0
+            sd[name] = w.contiguous()
+        os.makedirs(ckpt_dir, exist_ok=True)
+        tmp = st + ".tmp"
+        save_file(sd, tmp, metadata={"format": "pt"})
+        with open(os.path.join(ckpt_dir, "config.json"), "w") as f:
+            json.dump(cfg_dict, f, indent=2)
+        os.replace(tmp, st)
+        with open(meta, "w") as f:
+            json.dump({"seed": seed, "shape": MODEL_SHAPE}, f)
+    model.load_state_dict(load_file(st), strict=True)
+    return model
+
+
+class CallCounter:
+    """Counts model forwards (a forward pre-hook on the official model)."""
+
+    def __init__(self, model):
+        self.n = 0
+        model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+
+def run_official(case: Case, mods, model, counter, prompt_np):
+    import torch
+
+    llada_gen, fast_gen = mods
+    prompt = torch.from_numpy(prompt_np.astype(np.int64))
+    counter.n = 0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if case.fn == "llada.generate":
+            x = llada_gen.generate(model, prompt, steps=case.kw["steps"], gen_length=case.gen,
+                                   block_length=case.kw["block_length"], temperature=0.0,
+                                   remasking="low_confidence", mask_id=MASK_ID)
+            nfe_ret = None
+        else:
+            fn = getattr(fast_gen, case.fn.split(".", 1)[1])
+            x, nfe_ret = fn(model, prompt, steps=case.kw["steps"], gen_length=case.gen,
+                            block_length=case.kw["block_length"], temperature=0.0, remasking="low_confidence",
+                            mask_id=MASK_ID, threshold=case.kw["threshold"])
+    dt = time.perf_counter() - t0
+    if nfe_ret is not None and int(nfe_ret) != counter.n:
+        raise RuntimeError(f"{case.name}: official nfe {nfe_ret} != counted forwards {counter.n}")
+    return x.numpy(), counter.n, dt
+
+
+# ----------------------------------------------------------------------------------------------------- our side
+def run_ours(case: Case, model, prompt_np):
+    from dllm_jax.generate import generate
+    from dllm_jax.presets import make_schedule
+
+    sched = make_schedule(case.preset, case.gen, model.cfg, **case.kw)
+    out = generate(model, prompt_np, gen_length=case.gen, schedule=sched, bucket=False)
+    nfe = sorted(set(int(v) for v in out.nfe))
+    return np.asarray(out.sequences), (nfe[0] if len(nfe) == 1 else nfe), out.run_time_s, out.compile_time_s
+
+
+def compare_tokens(a, b, prompt_len):
+    """'yes' or a description of where the generated tokens differ."""
+    if a.shape != b.shape:
+        return f"no: shapes {a.shape} vs {b.shape}"
+    diff = a[:, prompt_len:] != b[:, prompt_len:]
+    if not diff.any():
+        return "yes"
+    rows = np.nonzero(diff.any(1))[0]
+    first = int(np.nonzero(diff[rows[0]])[0][0])
+    return (f"no: {int(diff.sum())} positions in {len(rows)} row(s), first at generated position {first} "
+            f"(row {int(rows[0])})")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
+
+
+def load_avg() -> str:
+    try:
+        return "/".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def prompts_for(batch: int, plen: int, seed: int):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, EOS_ID, size=(batch, plen)).astype(np.int32)
+
+
+def write_table(path, rows, args, header_note):
+    import jax
+    import torch
+
+    lines = [
+        "# Speed against the official PyTorch code (benchmarks/vs_pytorch.py)", "",
+        f"Machine: {machine()}; shared with other jobs (load average 1/5/15 min at the end of the run: "
+        f"{load_avg()}). torch {torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+        f"jax {jax.__version__} CPU (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}).",
+        f"Model: random-weight LLaDA (d_model {MODEL_SHAPE['d_model']}, {MODEL_SHAPE['n_layers']} layers, "
+        f"{MODEL_SHAPE['n_heads']} heads, MLP {MODEL_SHAPE['mlp_hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}; "
+        f"weight seed {args.weight_seed}), prompt {args.prompt_len} random ids (seed {args.prompt_seed}), float32, "
+        f"block length 32, temperature 0. Timed: best (min) and median of {args.repeats} runs per side, "
+        "official and ours alternated; compile and the untimed check run excluded.",
+        "Counting rule: NFE = model forwards per row (official: counted calls of the model; ours: "
+        "GenerateOutput.nfe). Ratio = official min / ours min (median ratio in brackets). A ratio is like for "
+        "like only where tokens and NFE are identical.", "",
+    ]
+    if header_note:
+        lines += [header_note, ""]
+    lines += ["| case (gen length, batch) | same tokens | NFE torch/ours | torch s (min / median) | "
+              "ours s (min / median) | ratio | load at the case |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("t_official"):
+            to, tu = r["t_official"], r["t_ours"]
+            ratio = f"{min(to) / min(tu):.2f}x ({statistics.median(to) / statistics.median(tu):.2f}x)"
+            ts = f"{min(to):.2f} / {statistics.median(to):.2f}"
+            us = f"{min(tu):.2f} / {statistics.median(tu):.2f}"
+        else:
+            ratio, ts, us = "not timed", "-", "-"
+        lines.append(f"| {r['label']} | {r['same']} | {r['nfe_official']}/{r['nfe_ours']} | {ts} | {us} | {ratio} "
+                     f"| {r['load']} |")
+    lines.append("")
+    text = "\n".join(lines)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llada-repo", required=True, help="checkout of github.com/ML-GSAI/LLaDA")
+    ap.add_argument("--fastdllm-repo", required=True, help="checkout of github.com/NVlabs/Fast-dLLM")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (best and median reported)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--weight-seed", type=int, default=1234)
+    ap.add_argument("--prompt-seed", type=int, default=1001)
+    ap.add_argument("--checkpoint", default=os.path.join(os.path.expanduser("~"), ".cache", "dllm_jax",
+                                                         "vs_pytorch_llada_d512"),
+                    help="where the random checkpoint is written (reused when the seed matches)")
+    ap.add_argument("--time-differing", action="store_true",
+                    help="also time cases whose tokens or NFE differ (not like for like)")
+    ap.add_argument("--note", default="", help="a line written above the table")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
+                                                  "benchmarks", "vs_pytorch.md"))
+    ap.add_argument("--json", default=None, help="also write the raw rows here")
+    a = ap.parse_args(argv)
+    names = [n.strip() for n in a.cases.split(",") if n.strip()]
+    bad = [n for n in names if n not in CASES]
+    if bad:
+        raise SystemExit(f"unknown case(s) {bad}; available: {', '.join(CASES)}")
+    if a.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
+
+    llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig = import_official(a.llada_repo, a.fastdllm_repo)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    tmodel = build_official_model(LLaDAModelLM, LLaDAConfig, a.checkpoint, a.weight_seed)
+    counter = CallCounter(tmodel)
+    import dllm_jax
+
+    jmodel = dllm_jax.load(a.checkpoint)
+    rows = []
+    for name in names:
+        c = CASES[name]
+        prompt = prompts_for(c.batch, a.prompt_len, a.prompt_seed)
+        xo, nfe_o, t_o0, = run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)
+        xu, nfe_u, t_u0, comp = run_ours(c, jmodel, prompt)
+        same = compare_tokens(xo, xu, a.prompt_len)
+        row = dict(name=c.name, label=c.label, same=same, nfe_official=nfe_o, nfe_ours=nfe_u,
+                   compile_s=comp, first_official_s=t_o0, first_ours_s=t_u0)
+        like = same == "yes" and nfe_o == nfe_u
+        print(f"[{c.name}] same tokens: {same}; NFE {nfe_o}/{nfe_u}; first run {t_o0:.2f}s / {t_u0:.2f}s "
+              f"(+{comp:.1f}s compile); load {load_avg()}", flush=True)
+        if like or a.time_differing:
+            to, tu = [], []
+            for _ in range(a.repeats):
+                to.append(run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)[2])
+                tu.append(run_ours(c, jmodel, prompt)[2])
+            row.update(t_official=to, t_ours=tu)
+            print(f"[{c.name}] torch {['%.2f' % t for t in to]} ours {['%.2f' % t for t in tu]} -> "
+                  f"{min(to) / min(tu):.2f}x", flush=True)
+        row["load"] = load_avg()
+        rows.append(row)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    print(write_table(a.out, rows, a, a.note))
+
+
+if __name__ == "__main__":
+    main()

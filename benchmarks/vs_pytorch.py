@@ -263,9 +263,9 @@ def write_table(path, rows, args, header_note):
     import torch
 
     lines = [
-        "# Speed against the official PyTorch code (benchmarks/vs_pytorch.py)", "",
-        f"Machine: {machine()}; shared with other jobs (load average 1/5/15 min at the end of the run: "
-        f"{load_avg()}). torch {torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
+        "## Latest table written by benchmarks/vs_pytorch.py", "",
+        f"Machine: {machine()}; shared with other jobs (load average 1/5/15 min after each case: last "
+        f"column). torch {torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
         f"jax {jax.__version__} CPU (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}).",
         f"Model: random-weight LLaDA (d_model {MODEL_SHAPE['d_model']}, {MODEL_SHAPE['n_layers']} layers, "
@@ -294,10 +294,18 @@ def write_table(path, rows, args, header_note):
                      f"| {r['load']} |")
     lines.append("")
     text = "\n".join(lines)
+    full = f"{TABLE_START}\n{text}{TABLE_END}\n\n"
+    old = open(path).read() if os.path.isfile(path) else ""
+    if TABLE_START in old and TABLE_END in old:  # keep the hand-written analysis around the generated table
+        head, rest = old.split(TABLE_START, 1)
+        full = head + full + rest.split(TABLE_END, 1)[1].lstrip("\n")
     with open(path + ".tmp", "w") as f:
-        f.write(text)
+        f.write(full)
     os.replace(path + ".tmp", path)
     return text
+
+
+TABLE_START, TABLE_END = "<!-- vs_pytorch.py table: start -->", "<!-- vs_pytorch.py table: end -->"
 
 
 def main(argv=None):

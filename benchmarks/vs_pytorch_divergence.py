@@ -56,6 +56,7 @@ class Forcer:
         self.last = None
         self.logit_diffs = []
         self.records = []
+        self.margins = {"threshold": [], "rank0_gap": []}
         tmodel.register_forward_hook(self._hook, with_kwargs=True)
         self.counter = V.CallCounter(tmodel)
 
@@ -148,6 +149,17 @@ def run(case, mods, tmodel, jmodel, prompt, forcer):
             assert lg_u.shape == logits.shape
             x0_u, ti_u = orig(lg_u, temperature, remasking, mask_index, x, num_transfer_tokens, threshold)
             n_diff[1] += 1
+            # margins of the official decision (official float32 logits, float64 softmax as the official code):
+            # distance of every candidate's confidence to the threshold (rank 0 excluded: always committed), and
+            # the gap between the two most confident candidates (which one is rank 0)
+            p = torch.softmax(logits.to(torch.float64), -1).max(-1).values
+            for row in range(p.shape[0]):
+                c = p[row][mask_index[row]]
+                if len(c) > 1:
+                    srt = torch.sort(c, descending=True).values
+                    forcer.margins["rank0_gap"].append(float(srt[0] - srt[1]))
+                    if threshold is not None:
+                        forcer.margins["threshold"].append(float((srt[1:] - threshold).abs().min()))
             if not torch.equal(ti_o, ti_u) or not torch.equal(x0_o[ti_o], x0_u[ti_u]):
                 n_diff[0] += 1
                 for row in range(ti_o.shape[0]):
@@ -189,6 +201,11 @@ def run(case, mods, tmodel, jmodel, prompt, forcer):
             c[:, end:] = -np.inf
             c = torch.where(ids == V.MASK_ID, c, torch.tensor(-np.inf))
             chosen.append((c.argmax(-1), x0, c))
+            if name == "official":
+                for row in range(c.shape[0]):
+                    srt = torch.sort(c[row], descending=True).values
+                    if torch.isfinite(srt[1]):
+                        forcer.margins["rank0_gap"].append(float(srt[0] - srt[1]))
         n_diff[1] += 1
         for row in range(ids.shape[0]):
             po, pu = int(chosen[0][0][row]), int(chosen[1][0][row])
@@ -305,6 +322,8 @@ def main(argv=None):
     max_d = float(np.max([d[1] for d in forcer.logit_diffs]))
     summary = {"case": a.case, "forwards": forcer.calls, "decisions": nt, "differing_decisions": nd,
                "ours_vs_official_logits_mean_abs": mean_d, "max_abs": max_d,
+               **{f"min_{k}_margin": (min(v) if v else None) for k, v in forcer.margins.items()},
+               **{f"{k}_margins_below_2e-3": sum(m < 2e-3 for m in v) for k, v in forcer.margins.items()},
                "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
     print(json.dumps(summary), flush=True)
     if a.json:

@@ -321,6 +321,9 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=os.path.join(os.path.expanduser("~"), ".cache", "dllm_jax",
                                                          "vs_pytorch_llada_d512"),
                     help="where the random checkpoint is written (reused when the seed matches)")
+    ap.add_argument("--retry-seeds", type=int, default=0,
+                    help="when tokens or NFE differ (a float32 near-tie of a decision), try up to N further prompt "
+                         "seeds and time the first that matches (the table says which seeds differed)")
     ap.add_argument("--time-differing", action="store_true",
                     help="also time cases whose tokens or NFE differ (not like for like)")
     ap.add_argument("--note", default="", help="a line written above the table")
@@ -347,15 +350,22 @@ def main(argv=None):
     rows = []
     for name in names:
         c = CASES[name]
-        prompt = prompts_for(c.batch, a.prompt_len, a.prompt_seed)
-        xo, nfe_o, t_o0, = run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)
-        xu, nfe_u, t_u0, comp = run_ours(c, jmodel, prompt)
-        same = compare_tokens(xo, xu, a.prompt_len)
-        row = dict(name=c.name, label=c.label, same=same, nfe_official=nfe_o, nfe_ours=nfe_u,
+        differing_seeds = []
+        for seed in range(a.prompt_seed, a.prompt_seed + 1 + a.retry_seeds):
+            prompt = prompts_for(c.batch, a.prompt_len, seed)
+            xo, nfe_o, t_o0 = run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)
+            xu, nfe_u, t_u0, comp = run_ours(c, jmodel, prompt)
+            same = compare_tokens(xo, xu, a.prompt_len)
+            like = same == "yes" and nfe_o == nfe_u
+            print(f"[{c.name}] prompt seed {seed}: same tokens: {same}; NFE {nfe_o}/{nfe_u}; first run "
+                  f"{t_o0:.2f}s / {t_u0:.2f}s (+{comp:.1f}s compile); load {load_avg()}", flush=True)
+            if like:
+                break
+            differing_seeds.append(seed)
+        if differing_seeds and like:  # a float32 near-tie at the other seeds (vs_pytorch_divergence.py tells)
+            same = f"yes at prompt seed {seed} (differs at {', '.join(map(str, differing_seeds))})"
+        row = dict(name=c.name, label=c.label, same=same, nfe_official=nfe_o, nfe_ours=nfe_u, prompt_seed=seed,
                    compile_s=comp, first_official_s=t_o0, first_ours_s=t_u0)
-        like = same == "yes" and nfe_o == nfe_u
-        print(f"[{c.name}] same tokens: {same}; NFE {nfe_o}/{nfe_u}; first run {t_o0:.2f}s / {t_u0:.2f}s "
-              f"(+{comp:.1f}s compile); load {load_avg()}", flush=True)
         if like or a.time_differing:
             to, tu = [], []
             for _ in range(a.repeats):

@@ -6,15 +6,19 @@
 The official function runs as usual; every forward it makes is also fed, with the same input (and, for cached
 forwards, a cache built by our full forward on the official refresh input), to our forward. Every decision the
 official code takes (Fast-dLLM's `get_transfer_index`, patched at run time to record; LLaDA `generate`'s top-k rule,
-re-evaluated from the logits) is re-taken on our logits and, where the two differ, on the official model run in
-float64 (a float64 copy of the same weights, same input, float64 cache). For each differing decision it prints the
-position, the two best logits' gap (token choice) and the confidence against the threshold (threshold rule) or
-against the runner-up candidate (top-k rule) on the three logits. The trajectory always follows the official run,
-so every step is compared on identical inputs.
+re-evaluated from the logits) is re-taken on our logits and, where the two differ, on a float64 copy of the official
+model (float64 weights, float64 RoPE tables and rotation, float64 cache from the same refresh input; see
+exact_f64_copy). For each differing decision it prints the position, the gap between the two best logits (token
+choice) and the confidence on the three logits (official fp32, ours fp32, fp64), to compare with the threshold
+(threshold rule) or the runner-up candidate (top-k rule). The trajectory always follows the official run, so every
+step is compared on identical inputs. The summary gives the number of differing decisions and the official
+decisions' margins (closest candidate confidence to the threshold, gap between the two most confident candidates).
 
---precision: mean / max |logit - float64 logit| of one full forward (T = prompt + gen) for the official float32
-model and for ours, with XLA's default CPU dot and with the YNNPACK dot fusion disabled (run in a subprocess with
-XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=), and the same for a single [T, 1376] x [1376, 512] matmul.
+--precision: mean / max |logit - reference| of one full forward (T = --precision-len) for the official float32
+model and ours, against the official model in float64 (which still applies RoPE in float32) and against float64
+with float64 RoPE; repeated in a subprocess with XLA's YNNPACK dot fusion disabled
+(XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=).
+--layers: local float32 error of each attention / MLP half and the head, each fed the float64 input (layer_check).
 torch is a benchmark-only requirement (not a dependency of dllm-jax).
 """
 

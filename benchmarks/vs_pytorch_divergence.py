@@ -303,8 +303,9 @@ def main(argv=None):
     import dllm_jax
     jmodel = dllm_jax.load(a.checkpoint)
     if a.layers:
-        for r in layer_check(tmodel, jmodel, a.precision_len):
-            print(json.dumps(r), flush=True)
+        for exact in (False, True):
+            for r in layer_check(tmodel, jmodel, a.precision_len, exact_rope=exact):
+                print(json.dumps({"reference": "f64_exact_rope" if exact else "official_f64", **r}), flush=True)
         return
     if a.precision:
         r = precision_check(tmodel, jmodel, a.precision_len)
@@ -336,7 +337,7 @@ def main(argv=None):
 
 
 
-def layer_check(tmodel, jmodel, T_len, seed=0):
+def layer_check(tmodel, jmodel, T_len, seed=0, exact_rope=False):
     """Local float32 error of each sub-layer, official vs ours, both fed the float64 reference input of that
     sub-layer (so errors do not accumulate): attention half x + attn(norm(x)), MLP half x + mlp(norm(x)), head."""
     import jax
@@ -345,9 +346,12 @@ def layer_check(tmodel, jmodel, T_len, seed=0):
 
     from dllm_jax.models import transformer as T
     ids = torch.from_numpy(np.random.default_rng(seed).integers(0, V.EOS_ID, (1, T_len)))
-    m64 = copy.deepcopy(tmodel).double()
-    m64._forward_pre_hooks.clear()
-    m64._forward_hooks.clear()
+    if exact_rope:  # reference: float64 with float64 RoPE
+        m64 = exact_f64_copy(tmodel)
+    else:  # reference: the official model in float64 (RoPE still float32)
+        m64 = copy.deepcopy(tmodel).double()
+        m64._forward_pre_hooks.clear()
+        m64._forward_hooks.clear()
     cfg, params = jmodel.cfg, jmodel.params
     pos = jnp.arange(T_len, dtype=jnp.int32)[None]
     valid = jnp.ones((1, T_len), bool)

@@ -288,6 +288,7 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--weight-seed", type=int, default=1234)
     ap.add_argument("--prompt-seed", type=int, default=1001)
+    ap.add_argument("--qk-scale", type=float, default=3.0, help="as in vs_pytorch.py")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--checkpoint", default=os.path.join(os.path.expanduser("~"), ".cache", "dllm_jax",
                                                          "vs_pytorch_llada_d512"))
@@ -299,7 +300,7 @@ def main(argv=None):
     llada_gen, fast_gen, M, C = V.import_official(a.llada_repo, a.fastdllm_repo)
     import torch
     torch.set_num_threads(a.threads)
-    tmodel = V.build_official_model(M, C, a.checkpoint, a.weight_seed)
+    tmodel = V.build_official_model(M, C, a.checkpoint, a.weight_seed, a.qk_scale)
     import dllm_jax
     jmodel = dllm_jax.load(a.checkpoint)
     if a.layers:

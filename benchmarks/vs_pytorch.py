@@ -270,7 +270,7 @@ def write_table(path, rows, args, header_note):
         f"Model: random-weight LLaDA (d_model {MODEL_SHAPE['d_model']}, {MODEL_SHAPE['n_layers']} layers, "
         f"{MODEL_SHAPE['n_heads']} heads, MLP {MODEL_SHAPE['mlp_hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}; "
         f"weight seed {args.weight_seed}, q/k scale {getattr(args, 'qk_scale', 3.0)}), prompt {args.prompt_len} random ids (seed {args.prompt_seed}), float32, "
-        f"block length 32, temperature 0. Timed: best (min) and median of {args.repeats} runs per side, "
+        f"block length 32, temperature 0. Timed: best (min) and median of n runs per side (n in the torch column), "
         "official and ours alternated; compile and the untimed check run excluded.",
         "Counting rule: NFE = model forwards per row (official: counted calls of the model; ours: "
         "GenerateOutput.nfe). Ratio = official min / ours min (median ratio in brackets). A ratio is like for "
@@ -285,7 +285,7 @@ def write_table(path, rows, args, header_note):
         if r.get("t_official"):
             to, tu = r["t_official"], r["t_ours"]
             ratio = f"{min(to) / min(tu):.2f}x ({statistics.median(to) / statistics.median(tu):.2f}x)"
-            ts = f"{min(to):.2f} / {statistics.median(to):.2f}"
+            ts = f"{min(to):.2f} / {statistics.median(to):.2f} (n={len(to)})"
             us = f"{min(tu):.2f} / {statistics.median(tu):.2f}"
         else:
             ratio, ts, us = "not timed", "-", "-"

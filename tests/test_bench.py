@@ -32,9 +32,9 @@ def _small_cfg(**kw):
     return ModelConfig(**d)
 
 
-def test_quick_core_writes_json_markdown_png(tmp_path):
+def test_quick_core_writes_json_markdown_png(tmp_path, fixtures):
     out = tmp_path / "bench"
-    rc = bench.main(["--preset", "quick", "--gen-lengths", "16", "--batch-sizes", "1", "--prompts", "12",
+    rc = bench.main(["--preset", "quick", "--model", str(fixtures / "llada_tiny"), "--gen-lengths", "16", "--batch-sizes", "1", "--prompts", "12",
                      "--schedules", "dual_threshold,ar", "--block-length", "16", "--repeats", "1",
                      "--project", "100m", "--no-progress", "--out", str(out)])
     assert rc == 0

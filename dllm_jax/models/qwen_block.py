@@ -11,7 +11,7 @@ mask of every forward themselves (`key_end`, dllm_jax/engine/block_diffusion.py)
 
 from __future__ import annotations
 
-from dllm_jax.models.config import ConfigError, ModelConfig
+from dllm_jax.models.config import ConfigError, ModelConfig, _need
 
 
 def weight_table(qkv_bias: bool, qk_norm: bool) -> tuple:
@@ -35,12 +35,6 @@ def weight_table(qkv_bias: bool, qk_norm: bool) -> tuple:
     if qk_norm:
         t += [(rf"model\.layers\.(\d+)\.self_attn\.{n}_norm\.weight", ("layers", f"{n}_norm"), False) for n in "qk"]
     return tuple(t)
-
-
-def _need(hf: dict, key: str, where: str):
-    if key not in hf:
-        raise ConfigError(f"{where}: config.json has no '{key}'")
-    return hf[key]
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:

@@ -4,22 +4,9 @@ The model returns raw logits; Dream predicts token i+1 at row i, so every sample
 (`dllm_jax.models.transformer.shift_logits`), which the engine applies when `cfg.logit_shift` is set.
 """
 
+from dllm_jax.models.qwen_block import weight_table
+
 FAMILY = "dream"
 
-WEIGHT_TABLE = (
-    (r"model\.embed_tokens\.weight", ("embed",), False),
-    (r"model\.norm\.weight", ("final_norm",), False),
-    (r"lm_head\.weight", ("lm_head",), True),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", ("layers", "attn_norm"), False),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", ("layers", "wq"), True),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", ("layers", "wk"), True),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", ("layers", "wv"), True),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", ("layers", "bq"), False),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", ("layers", "bk"), False),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", ("layers", "bv"), False),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", ("layers", "wo"), True),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", ("layers", "mlp_norm"), False),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", ("layers", "w_gate"), True),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", ("layers", "w_up"), True),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", ("layers", "w_down"), True),
-)
+# Dream's checkpoint is a Qwen2 decoder (q/k/v biases, no q/k norms): the same HF names as Fast-dLLM v2's
+WEIGHT_TABLE = weight_table(qkv_bias=True, qk_norm=False)

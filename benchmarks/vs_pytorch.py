@@ -209,11 +209,19 @@ def run_official(case: Case, mods, model, counter, prompt_np):
 
 
 # ----------------------------------------------------------------------------------------------------- our side
-def run_ours(case: Case, model, prompt_np):
+OURS_REFERENCE_WORK = False  # --reference-work
+
+
+def run_ours(case: Case, model, prompt_np, reference_work=None):
+    reference_work = OURS_REFERENCE_WORK if reference_work is None else reference_work
     from dllm_jax.generate import generate
     from dllm_jax.presets import make_schedule
 
     sched = make_schedule(case.preset, case.gen, model.cfg, **case.kw)
+    if reference_work:  # the reference's work: LM head on every row, whole-generation prefix-cache windows
+        sched = sched.replace(head_rows="all")
+        if hasattr(sched.cache, "suffix_widths"):
+            sched = sched.replace(cache=dataclasses.replace(sched.cache, suffix_widths=1))
     out = generate(model, prompt_np, gen_length=case.gen, schedule=sched, bucket=False)
     nfe = sorted(set(int(v) for v in out.nfe))
     return np.asarray(out.sequences), (nfe[0] if len(nfe) == 1 else nfe), out.run_time_s, out.compile_time_s
@@ -278,9 +286,15 @@ def write_table(path, rows, args, header_note):
     ]
     if header_note:
         lines += [header_note, ""]
+    cw = any(r.get("t_ours_reference_work") for r in rows)
+    if cw:
+        lines += ["Column 'ours, reference work': our engine doing the work the reference does (LM head and softmax on "
+                  "every position, one whole-generation prefix-cache window), timed in the same alternation; "
+                  "'saved' = its min / ours min.", ""]
     lines += ["| case (gen length, batch) | same tokens | NFE torch/ours | torch s (min / median) | "
-              "ours s (min / median) | ratio | load at the case |",
-              "|---|---|---|---|---|---|---|"]
+              "ours s (min / median) | ratio | " + ("ours, reference work s (min) | saved | " if cw else "")
+              + "load at the case |",
+              "|---|---|---|---|---|---|" + ("---|---|" if cw else "") + "---|"]
     for r in rows:
         if r.get("t_official"):
             to, tu = r["t_official"], r["t_ours"]
@@ -289,8 +303,13 @@ def write_table(path, rows, args, header_note):
             us = f"{min(tu):.2f} / {statistics.median(tu):.2f}"
         else:
             ratio, ts, us = "not timed", "-", "-"
+        extra = ""
+        if cw:
+            tr = r.get("t_ours_reference_work")
+            extra = (f"{min(tr):.2f}{'' if r.get('reference_work_same') else ' (tokens differ!)'} | "
+                     f"{min(tr) / min(r['t_ours']):.2f}x | ") if tr else "- | - | "
         lines.append(f"| {r['label']} | {r['same']} | {r['nfe_official']}/{r['nfe_ours']} | {ts} | {us} | {ratio} "
-                     f"| {r['load']} |")
+                     f"| {extra}{r['load']} |")
     lines.append("")
     text = "\n".join(lines)
     full = f"{TABLE_START}\n{text}{TABLE_END}\n\n"
@@ -328,11 +347,19 @@ def main(argv=None):
                          "seeds and time the first that matches (the table says which seeds differed)")
     ap.add_argument("--time-differing", action="store_true",
                     help="also time cases whose tokens or NFE differ (not like for like)")
+    ap.add_argument("--reference-work", action="store_true",
+                    help="run ours with head_rows='all' and one whole-generation prefix-cache width (the work the "
+                         "reference does; to measure what computing only what is read saves)")
+    ap.add_argument("--compare-work", action="store_true",
+                    help="also time ours doing the reference's work (as --reference-work), alternated with the "
+                         "other two, and report what computing only what is read saves")
     ap.add_argument("--note", default="", help="a line written above the table")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs",
                                                   "benchmarks", "vs_pytorch.md"))
     ap.add_argument("--json", default=None, help="also write the raw rows here")
     a = ap.parse_args(argv)
+    global OURS_REFERENCE_WORK
+    OURS_REFERENCE_WORK = a.reference_work
     names = [n.strip() for n in a.cases.split(",") if n.strip()]
     bad = [n for n in names if n not in CASES]
     if bad:
@@ -369,11 +396,20 @@ def main(argv=None):
         row = dict(name=c.name, label=c.label, same=same, nfe_official=nfe_o, nfe_ours=nfe_u, prompt_seed=seed,
                    compile_s=comp, first_official_s=t_o0, first_ours_s=t_u0)
         if like or a.time_differing:
-            to, tu = [], []
+            to, tu, tr = [], [], []
+            if a.compare_work:
+                xr, nfe_r = run_ours(c, jmodel, prompt, reference_work=True)[:2]  # compile + check
+                row["reference_work_same"] = bool(np.array_equal(xr, xu) and nfe_r == nfe_u)
             for _ in range(a.repeats):
                 to.append(run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)[2])
                 tu.append(run_ours(c, jmodel, prompt)[2])
+                if a.compare_work:
+                    tr.append(run_ours(c, jmodel, prompt, reference_work=True)[2])
             row.update(t_official=to, t_ours=tu)
+            if tr:
+                row["t_ours_reference_work"] = tr
+                print(f"[{c.name}] ours doing the reference's work {['%.2f' % t for t in tr]} "
+                      f"(same tokens: {row['reference_work_same']})", flush=True)
             print(f"[{c.name}] torch {['%.2f' % t for t in to]} ours {['%.2f' % t for t in tu]} -> "
                   f"{min(to) / min(tu):.2f}x", flush=True)
         row["load"] = load_avg()

@@ -132,20 +132,23 @@ class Cost:
         return max(self.flops / peak_flops, self.bytes / bw)
 
 
-def forward_cost(cfg, batch: int, T: int, S: int, wbytes: int = 4, kvbytes: int | None = None) -> Cost:
-    """FLOPs and ideal bytes of one forward of `batch` rows computing T queries over S key slots (module doc).
+def forward_cost(cfg, batch: int, T: int, S: int, wbytes: int = 4, kvbytes: int | None = None,
+                 head_rows: float | None = None) -> Cost:
+    """FLOPs and ideal bytes of one forward of `batch` rows computing T queries over S key slots (module doc), the
+    LM head on `head_rows` of them (default all T; the engine computes it only where a schedule reads).
 
     FLOPs: 2 per multiply-add of every matmul (q/k/v/o projections, SwiGLU MLP, lm head) + QK^T and PV
     (4 T S H hd per layer); norms, RoPE, softmax and the argmax/confidence reduction are not counted."""
     kvbytes = wbytes if kvbytes is None else kvbytes
+    Th = T if head_rows is None else head_rows
     D, L, H, K, hd, F, V = (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden,
                             cfg.vocab_size)
     lin = 2 * (D * H * hd + 2 * D * K * hd + H * hd * D + 3 * D * F)
-    flops = batch * (L * (T * lin + 4 * T * S * H * hd) + T * 2 * D * V)
+    flops = batch * (L * (T * lin + 4 * T * S * H * hd) + Th * 2 * D * V)
     weights = (param_count(cfg) - V * D) * wbytes  # every weight but the embedding table
     by = (weights + batch * T * D * wbytes  # embedding rows gathered
           + L * batch * 2 * K * hd * (T + S) * kvbytes  # K/V written (T) and read (S)
-          + batch * T * V * 4)  # float32 logits
+          + batch * Th * V * 4)  # float32 logits
     return Cost(float(flops), float(by))
 
 
@@ -171,15 +174,34 @@ def iteration_kinds(trace: dict | None, nfe, iterations: int, has_cache: bool) -
     return out
 
 
-def run_costs(cfg, batch: int, total_len: int, width: int, kinds: dict, cfg_scale: float = 0.0,
-              wbytes: int = 4) -> dict:
-    """Per-kind forward costs and run totals for a run whose iterations are counted in `kinds`."""
+def run_costs(cfg, batch: int, total_len: int, width: float, kinds: dict, cfg_scale: float = 0.0,
+              wbytes: int = 4, head_full: float | None = None, head_window: float | None = None) -> dict:
+    """Per-kind forward costs and run totals for a run whose iterations are counted in `kinds`. width: the cached
+    forwards' query rows (their mean where the width varies: the costs are linear in it); head_full / head_window:
+    the LM head's rows in a full / cached forward (default: all)."""
     fb = batch * (2 if cfg_scale > 0 else 1)
-    full = forward_cost(cfg, fb, total_len, total_len, wbytes)
-    win = forward_cost(cfg, batch, width, total_len, wbytes)
+    full = forward_cost(cfg, fb, total_len, total_len, wbytes, head_rows=head_full)
+    win = forward_cost(cfg, batch, width, total_len, wbytes,
+                       head_rows=None if head_window is None else min(head_window, width))
     total = Cost(kinds["full"] * full.flops + kinds["window"] * win.flops + kinds["mixed"] * (full.flops + win.flops),
                  kinds["full"] * full.bytes + kinds["window"] * win.bytes + kinds["mixed"] * (full.bytes + win.bytes))
     return {"full": full, "window": win, "total": total, "kinds": kinds}
+
+
+def mean_window_width(trace: dict | None, nfe, iterations: int, widths: tuple, total_len: int) -> float:
+    """Mean query rows of the cached forwards of a run: each takes the narrowest of `widths` that holds every live
+    row's [s, L) (a prefix cache's suffix; with one width, that width)."""
+    if len(widths) == 1 or trace is None:
+        return float(widths[-1])
+    full, s = np.asarray(trace["full"]), np.asarray(trace["s"])
+    nfe, ws, used = np.asarray(nfe), np.asarray(widths), []
+    for it in range(min(int(iterations), full.shape[0])):
+        live = it < nfe
+        if not np.any(live & ~full[it]):
+            continue
+        need = int(np.max(np.where(live, total_len - s[it], 0)))
+        used.append(int(ws[np.searchsorted(ws, need)]) if need <= ws[-1] else int(ws[-1]))
+    return float(np.mean(used)) if used else float(widths[-1])
 
 
 def roofline_time(costs: dict, peak_flops: float, bw: float) -> float:
@@ -467,6 +489,7 @@ class Bench:
         return self._traces[key]
 
     def point(self, method: Method, G: int, prompt_kind: str, p_len: int, B: int) -> dict:
+        from dllm_jax.engine.loop import head_width
         from dllm_jax.engine.replay import replay_schedule, replayable
         from dllm_jax.generate import bucket_length
         from dllm_jax.model import Model
@@ -512,7 +535,13 @@ class Bench:
         run_s = min(times) if times else first.run_time_s
         iters = int(first.loop_iterations)
         kinds = iteration_kinds(first.trace, first.nfe, iters, has_cache)
-        costs = run_costs(cfg, B, L, W, kinds, sched.cfg_scale, self.wbytes)
+        ctx = _ctx(B, P, G, cfg)
+        if has_cache:
+            W = mean_window_width(first.trace, first.nfe, iters, sched.cache.widths(ctx, sched.window), L)
+            rec["window_width_mean"] = W
+        head = dict(head_full=head_width(sched, cfg, ctx, L), head_window=head_width(sched, cfg, ctx, L))
+        rec["head_rows"] = head
+        costs = run_costs(cfg, B, L, W, kinds, sched.cfg_scale, self.wbytes, **head)
         tot = costs["total"]
         tokens = B * G
         t_roof = roofline_time(costs, self.peak["flops"], self.peak["bw"])
@@ -533,7 +562,7 @@ class Bench:
             achieved_flops_s=tot.flops / run_s, roofline_time_s=t_roof,
             attainable_flops_s=tot.flops / t_roof, roofline_fraction=t_roof / run_s,
         )
-        bf16 = run_costs(cfg, B, L, W, kinds, sched.cfg_scale, 2)
+        bf16 = run_costs(cfg, B, L, W, kinds, sched.cfg_scale, 2, **head)
         rec["bound_tok_s_bf16"] = {d: tokens / roofline_time(bf16, p["flops"], p["bw"]) for d, p in PEAKS.items()}
         return rec
 

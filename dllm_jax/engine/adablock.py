@@ -32,6 +32,7 @@ class DelimiterBlocks(Window):
     delimiter_ids: tuple = (198,)
     delimiter_threshold: float = math.inf  # inf = fixed blocks of init_block_length
     lookahead_frac: float = 0.25
+    reads_within_max_width = True  # resolve reads [s, s + lookahead), the block ends within max_width
 
     def validate(self, ctx):
         if self.init_block_length <= 0:

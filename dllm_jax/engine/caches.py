@@ -24,6 +24,8 @@ class Cache:
     # Fast-dLLM quirk: after the block's refresh forward at least this many cached forwards run, even if the
     # refresh already completed the block.
     min_window_forwards: int = 0
+    # the candidates (cand_range) lie inside the window [s, e) (loop.head_span); False where a policy widens them
+    cand_within_window = True
 
     def init(self, ctx: Ctx) -> dict:
         B = ctx.batch
@@ -40,6 +42,14 @@ class Cache:
 
     def width(self, ctx: Ctx, window) -> int:
         return ctx.total_len
+
+    def widths(self, ctx: Ctx, window) -> tuple:
+        """The static widths a cached forward may take, ascending, the last = `width` (one compiled window forward
+        per width, chosen per forward by `width_index`)."""
+        return (self.width(ctx, window),)
+
+    def width_index(self, st, ctx: Ctx, wst, active_B, widths):
+        return jnp.zeros((), jnp.int32)
 
     def plan_window(self, st, ctx: Ctx, wst, W):
         """Return (w0_B, write_BxW, slice_start_B) for a cached forward, optionally with a 4th element key_end_BxW
@@ -76,13 +86,26 @@ class NoCache(Cache):
 @dataclasses.dataclass(frozen=True)
 class PrefixCache(Cache):
     """Fast-dLLM prefix cache: a full forward at block start keeps K/V of [0, s); cached forwards recompute the whole
-    suffix [s, L). Static window: [P, L) of width G, writing only positions >= s."""
+    suffix [s, L). Static windows [L - W, L), writing only positions >= s, of `suffix_widths` widths W (G * j / n,
+    j = 1..n, n = min(suffix_widths, G / block): the block-aligned suffix lengths when there are few blocks); each
+    forward takes the narrowest that holds every active row's suffix (the official code's work: rows before s are
+    neither computed by it nor written here). suffix_widths=1: always the whole generation (G wide)."""
 
     has_cache: bool = True
     min_window_forwards: int = 1
+    suffix_widths: int = 4
 
     def width(self, ctx, window):
         return ctx.gen_length
+
+    def widths(self, ctx, window):
+        G = ctx.gen_length
+        n = max(1, min(self.suffix_widths, G // max(1, window.max_width(ctx))))
+        return tuple(sorted({-(-G * j // n) for j in range(1, n + 1)}))
+
+    def width_index(self, st, ctx, wst, active_B, widths):
+        need = jnp.max(jnp.where(active_B, ctx.total_len - wst["s"], 0))
+        return jnp.sum(jnp.asarray(widths, jnp.int32) < need).astype(jnp.int32)
 
     def plan_window(self, st, ctx, wst, W):
         w0 = jnp.full((ctx.batch,), ctx.total_len - W, jnp.int32)

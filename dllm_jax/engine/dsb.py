@@ -78,6 +78,8 @@ class DSBCache(Cache):
     refreshed). Irrelevant with swl = 0 (the published setting) and for Dream (no suffix window).
     """
 
+    cand_within_window = False  # cand_range widens cached forwards' candidates (the suffix quirk)
+
     has_cache: bool = True
     prefix_window: int = 8
     suffix_window: int = 0

@@ -33,6 +33,9 @@ class EntropyElastic(Window):
     min_size: int = 4
     max_size: int = 64
     uncertainty: str = "prob"  # how to read the sampler's confidence: "prob" (1 - p) or "neg_entropy" (-conf)
+    # resolve() sums uncertainty from s = the first mask (= the state's s) and clips the width to max_width: reads
+    # past s + max_width cannot change it (loop.head_span)
+    reads_within_max_width = True
 
     def validate(self, ctx):
         if not (1 <= self.min_size <= self.max_size):

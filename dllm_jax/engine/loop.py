@@ -42,6 +42,11 @@ class Schedule:
     max_nfe: int | None = None  # safety bound on forwards (default: 4 * gen_length + 8)
     name: str = "custom"
     gen_length: int | None = None  # set by presets: the generation length the schedule was built for
+    # Where the LM head, softmax and confidences are computed: "window" = only at the positions this forward's
+    # decisions can read (the window, see `head_span`), where the policies declare that bound and sampling is
+    # deterministic, else everywhere; "all" = every position of every forward (the reference codes' work; same
+    # tokens, kept for measurements).
+    head_rows: str = "window"
 
     def replace(self, **kw) -> "Schedule":
         return dataclasses.replace(self, **kw)
@@ -71,6 +76,43 @@ class Schedule:
             name, field = path.split(".")
             parts.setdefault(name, {})[field] = v
         return dataclasses.replace(self, **{n: dataclasses.replace(getattr(self, n), **u) for n, u in parts.items()})
+
+
+def head_span(sched: Schedule, ctx: Ctx, wst):
+    """(start [B], width) of the canvas positions whose x0/confidence this forward's decisions can read, or None
+    (all positions). Exact by construction: a window policy declares `reads_within_max_width` when its resolve and
+    candidates stay in [s, s + max_width), a cache policy `cand_within_window` when its candidates stay in the
+    window; random draws (temperature, random confidence) are shaped by the rows computed, so they keep all rows."""
+    if not _span_applies(sched):
+        return None
+    return wst["s"], sched.window.max_width(ctx)
+
+
+def _span_applies(sched: Schedule) -> bool:
+    win, smp = sched.window, sched.sampler
+    return (sched.head_rows == "window" and getattr(win, "reads_within_max_width", False)
+            and getattr(sched.cache, "cand_within_window", True) and not getattr(win, "wants_aux", False)
+            and smp.temperature == 0 and smp.confidence != "random")
+
+
+def head_width(sched: Schedule, cfg: ModelConfig, ctx: Ctx, T: int) -> int:
+    """How many rows the LM head computes in a forward of T rows (the bench's cost model)."""
+    if not _span_applies(sched):
+        return T
+    return min(T, sched.window.max_width(ctx) + (1 if cfg.logit_shift else 0))
+
+
+def _span_rows(cfg: ModelConfig, span, lo, T):
+    """The rows [a, a + Wh) of a forward of T rows starting at canvas position `lo` ([B]) that cover `span`
+    (one row more before it for a shifted-logits model: position p reads row p - 1); (None, None) = all rows."""
+    if span is None:
+        return None, None
+    start, width = span
+    shift = 1 if cfg.logit_shift else 0
+    Wh = width + shift
+    if Wh >= T:
+        return None, None
+    return jnp.clip(start - shift - lo, 0, T - Wh).astype(jnp.int32), Wh
 
 
 def _rows(mask_B, a):
@@ -111,24 +153,33 @@ def _process_logits(sched: Schedule, ctx: Ctx, pst, logits, x_rows, w0, wst):
 
 
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
-                wst=None, pst=None, key_end=None):
+                wst=None, pst=None, key_end=None, span=None):
+    a, Wh = _span_rows(cfg, span, jnp.zeros((ctx.batch,), jnp.int32), ctx.total_len)
     if sched.cfg_scale > 0:
         # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
         un = jnp.where(is_prompt, ctx.mask_id, x)
         both, kv = transformer.forward(params, cfg, jnp.concatenate([x, un]), jnp.concatenate([positions] * 2),
                                        jnp.concatenate([key_valid] * 2), prefix_len=ctx.prompt_len,
-                                       key_end=None if key_end is None else jnp.concatenate([key_end] * 2))
+                                       key_end=None if key_end is None else jnp.concatenate([key_end] * 2),
+                                       head_start=None if a is None else jnp.concatenate([a, a]), head_width=Wh)
         cond, unc = both[: ctx.batch], both[ctx.batch:]
         logits = unc + (sched.cfg_scale + 1.0) * (cond - unc)
         kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
     else:
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len,
-                                         key_end=key_end)
+                                         key_end=key_end, head_start=a, head_width=Wh)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
-    logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
-    x0, conf = token_stats(sched.sampler, logits, keys, step)
-    aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
+    if a is None:
+        logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
+        x0, conf = token_stats(sched.sampler, logits, keys, step)
+        aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
+    else:  # statistics of rows [a, a + Wh) only, placed on the canvas (other positions: no proposal)
+        logits, pst = _process_logits(sched, ctx, pst, logits, row_slice(x, a, Wh), a, wst)
+        x0s, confs = token_stats(sched.sampler, logits, keys, step)
+        aux = _aux_stats(sched, cfg, ctx, wst, logits, a, zeros)
+        x0 = row_update(x, x0s, a)
+        conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confs, a)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:
@@ -138,16 +189,24 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
 
 
 def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step, cache, plan, W,
-                  wst=None, pst=None):
+                  wst=None, pst=None, span=None):
     # a cache policy may add per-query visible key ends [B, W] (block diffusion: the mask of each official forward)
     w0, write, slice_start = plan[:3]
     key_end = plan[3] if len(plan) > 3 else None
     tokens = row_slice(x, w0, W)
+    a, Wh = _span_rows(cfg, span, w0, W)  # head rows relative to the window (a prefix-cache window is wider)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid,
-                                               prefix_len=ctx.prompt_len, key_end=key_end)
-    logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
-    x0w, confw = token_stats(sched.sampler, logits, keys, step)
-    aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
+                                               prefix_len=ctx.prompt_len, key_end=key_end, head_start=a, head_width=Wh)
+    if a is None:
+        logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
+        x0w, confw = token_stats(sched.sampler, logits, keys, step)
+        aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
+    else:
+        logits, pst = _process_logits(sched, ctx, pst, logits, row_slice(tokens, a, Wh), w0 + a, wst)
+        x0s, confs = token_stats(sched.sampler, logits, keys, step)
+        aux = _aux_stats(sched, cfg, ctx, wst, logits, w0 + a, slice_start)
+        x0w = row_update(tokens, x0s, a)
+        confw = row_update(jnp.full(tokens.shape, -jnp.inf, jnp.float32), confs, a)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:
@@ -198,6 +257,9 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
     pos = iota_BxL(ctx)
     max_nfe = sched.max_nfe or (4 * ctx.gen_length + 8)
     W = cpol.width(ctx, win) if cpol.has_cache else L
+    widths = cpol.widths(ctx, win) if cpol.has_cache else (L,)
+    if widths[-1] != W:
+        raise ValueError(f"{type(cpol).__name__}.widths {widths} must end with its width {W}")
 
     # a window that needs the prompt layout (block diffusion: per-row origin and first generated position)
     w0 = win.init_layout(ctx, x, key_valid, positions) if hasattr(win, "init_layout") else win.init(ctx, x)
@@ -225,13 +287,21 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         step = c["nfe"] if row_steps else c["it"]
         need_full = cpol.needs_full(cs, ctx, w)
         full_key_end = cpol.full_key_end(cs, ctx, w)  # None: the model's own mask
+        span = head_span(sched, ctx, w)
         if cpol.has_cache:
             kv = c["kv"]
-            plan = cpol.plan_window(cs, ctx, w, W)
             full = lambda: _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,  # noqa
-                                       c.get("p"), full_key_end)
-            window = lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step,  # noqa
-                                           kv, plan, W, w, c.get("p"))
+                                       c.get("p"), full_key_end, span)
+
+            def window_of(Wk):
+                return lambda: _window_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, kv,
+                                             cpol.plan_window(cs, ctx, w, Wk), Wk, w, c.get("p"), span)
+
+            if len(widths) == 1:
+                window = window_of(W)
+            else:  # the narrowest compiled width that holds every active row's window (prefix cache: the suffix)
+                window = lambda: jax.lax.switch(cpol.width_index(cs, ctx, w, active, widths),  # noqa
+                                                [window_of(Wk) for Wk in widths])
 
             def mixed():
                 xf, cf, kvf, af = full()
@@ -249,7 +319,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
                 x0, conf, kv, aux = jax.lax.switch(branch, [window, full, mixed])
         else:
             x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,
-                                           c.get("p"), full_key_end)
+                                           c.get("p"), full_key_end, span)
         did_full = need_full & active
         pst = aux.pop("_logit_state", None)
 

@@ -18,6 +18,10 @@ from dllm_jax.engine.context import Ctx
 
 @dataclasses.dataclass(frozen=True)
 class Window:
+    # True when resolve() and the candidates read x0/conf only in [s, s + max_width) of the window state a forward
+    # serves: the loop then computes the LM head only there (loop.head_span). Declare it only where it holds.
+    reads_within_max_width = False
+
     def max_width(self, ctx: Ctx) -> int:
         raise NotImplementedError
 
@@ -53,6 +57,7 @@ class FixedBlocks(Window):
     """Semi-autoregressive fixed blocks of `block_length` (LLaDA, Fast-dLLM); block_length=None = one block."""
 
     block_length: int | None = None
+    reads_within_max_width = True  # every read of x0/conf is in [s, s + max_width) (loop.head_span)
 
     def _bl(self, ctx):
         return ctx.gen_length if self.block_length is None else self.block_length

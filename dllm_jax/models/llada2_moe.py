@@ -45,7 +45,7 @@ import numpy as np
 from dllm_jax import quant
 from dllm_jax.models import transformer
 from dllm_jax.models.config import ConfigError, ModelConfig
-from dllm_jax.models.transformer import _embed, _head, _proj, _row_slice, _row_update, rms_norm
+from dllm_jax.models.transformer import _embed, _proj, _row_slice, _row_update, head_rows, rms_norm
 from pallas_kernels.block_attention import api as attn_api
 
 FAMILY = "llada2_moe"
@@ -203,13 +203,18 @@ def _qkv(cfg: ModelConfig, lp, h):
     return rms_norm(q, lp["q_norm"], cfg.norm_eps), rms_norm(k, lp["k_norm"], cfg.norm_eps), v
 
 
-def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret, key_end=None):
+def _rope_k(cfg, k, k_pos):
+    return rope_partial(k, k_pos, cfg.rope_dim or cfg.head_dim, cfg.rope_theta)
+
+
+def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret, key_end=None, k_roped=False):
     """key_end [B, T] (optional): query t sees only keys [0, key_end) -- the window of the official forward. In
     "hard" mode it replaces the block rule (as transformer._attend); in "soft01" mode it bounds the window and the
-    0/1 block bias of cfg.block_causal is added inside it."""
+    0/1 block bias of cfg.block_causal is added inside it. k_roped: the keys are already rotated (the cache keeps
+    rotated keys: a key is rotated once, at its own position)."""
     rd = cfg.rope_dim or cfg.head_dim
     q = rope_partial(q, q_pos, rd, cfg.rope_theta)
-    k = rope_partial(k_all, k_pos, rd, cfg.rope_theta)
+    k = k_all if k_roped else rope_partial(k_all, k_pos, rd, cfg.rope_theta)
     if cfg.block_causal and cfg.block_mask_mode == "soft01":
         return soft_block_attention(q, k, v_all, key_valid_BxS, q_pos, cfg.block_causal, key_end, k_pos)
     block_size = cfg.block_causal
@@ -414,7 +419,8 @@ def _body(params, cfg, x, attend_fn, caches=None, collect=False):
     return x, {"k": k, "v": v}, routing
 
 
-def _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, collect, key_end=None):
+def _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, collect, key_end=None,
+                  head_start=None, head_width=None):
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -423,19 +429,23 @@ def _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpr
     q_index = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
     def attend(q, k, v, ck, cv):
-        return _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret, key_end), k, v
+        k = _rope_k(cfg, k, positions_BxT)
+        return (_attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret, key_end,
+                        k_roped=True), k, v)
 
     x, kv, routing = _body(params, cfg, _embed(params, tokens_BxT), attend, collect=collect)
-    return _head(params, cfg, x), kv, routing
+    return head_rows(params, cfg, x, head_start, head_width), kv, routing
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
 def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
-            prefix_len=None, key_end=None):
+            prefix_len=None, key_end=None, head_start=None, head_width=None):
     """Full forward. Returns (logits [B, T, V] float32, kv cache). prefix_len is accepted for the engine's
     signature and unused: LLaDA2's blocks start at canvas index 0 (the prompt is split into blocks). key_end
-    ([B, T], optional): per-query visible keys [0, key_end), see `_attend`."""
-    logits, kv, _ = _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, False, key_end)
+    ([B, T], optional): per-query visible keys [0, key_end), see `_attend`. head_start/head_width: as in
+    transformer.forward (logits of those rows only)."""
+    logits, kv, _ = _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, False, key_end,
+                                  head_start, head_width)
     return logits, kv
 
 
@@ -446,24 +456,25 @@ def forward_with_routing(params, cfg: ModelConfig, tokens_BxT, positions_BxT=Non
     return _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, True)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False, prefix_len=None, key_end=None):
+                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None):
     """Cached forward of W queries at per-row offsets (the contract of transformer.forward_window)."""
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
     q_index = start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None]
 
     def attend(q, k, v, ck, cv):
+        k = _rope_k(cfg, k, q_pos)
         wmask = write_BxW[:, :, None, None]
         ck = _row_update(ck, jnp.where(wmask, k.astype(ck.dtype), _row_slice(ck, start_B, W)), start_B)
         cv = _row_update(cv, jnp.where(wmask, v.astype(cv.dtype), _row_slice(cv, start_B, W)), start_B)
         o = _attend(cfg, q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid_BxS, q_pos, positions_BxS, q_index,
-                    interpret, key_end)
+                    interpret, key_end, k_roped=True)
         return o, ck, cv
 
     x, kv, _ = _body(params, cfg, _embed(params, tokens_BxW), attend, caches=cache)
-    return _head(params, cfg, x), kv
+    return head_rows(params, cfg, x, head_start, head_width), kv
 
 
 # ------------------------------------------------------------------------------------------------------- params

@@ -6,8 +6,11 @@ Params pytree (dict of arrays; layers stacked on a leading axis and run with `la
           wo [L, H*hd, D], mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D].
 Any matrix (and the embedding / LM head) may instead be a `dllm_jax.quant.QArray` (int8 values + float32
 per-output-channel scales); `_proj`, `_head` and `_embed` dequantize it inside the matmul / lookup.
-KV cache pytree: {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}, keys stored BEFORE RoPE (as the reference code);
-RoPE is applied to all keys at every call from the key positions.
+KV cache pytree: {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}, keys stored AFTER RoPE: a key is rotated once, at
+its own position, when it is computed (the reference code caches raw keys and rotates every cached key at every call;
+a position's rotation never changes, so the values are the same and the per-call work over the whole cache is gone).
+Head rows: `forward`/`forward_window` take an optional (head_start [B], static head_width): the final norm and LM head
+run only on those rows (the positions a schedule can commit), logits [B, head_width, V].
 """
 
 from __future__ import annotations
@@ -81,11 +84,15 @@ def _mlp(cfg, lp, x):
     return _proj(jax.nn.silu(g) * u, lp["w_down"])
 
 
-def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret, key_end=None):
-    cos_q, sin_q = rope_tables(q_pos, cfg.head_dim, cfg.rope_theta)
-    cos_k, sin_k = rope_tables(k_pos, cfg.head_dim, cfg.rope_theta)
-    q = apply_rope(q, cos_q, sin_q)
-    k = apply_rope(k_all, cos_k, sin_k)
+def rope(x_BxTxNxD, positions_BxT, cfg):
+    cos, sin = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    return apply_rope(x_BxTxNxD, cos, sin)
+
+
+def _attend(cfg, q, k_all, v_all, key_valid_BxS, q_pos, k_pos, q_index, interpret, key_end=None, k_roped=False):
+    """Attention of RoPE-less queries over keys (rotated here unless `k_roped`: the cache keeps rotated keys)."""
+    q = rope(q, q_pos, cfg)
+    k = k_all if k_roped else rope(k_all, k_pos, cfg)
     if key_end is not None:  # per-query visible keys [0, key_end): the block-causal rule with blocks of 1
         q_index, block_size = key_end - 1, 1
     else:
@@ -109,6 +116,13 @@ def _head(params, cfg, x):
     return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
+def head_rows(params, cfg, x, head_start=None, head_width=None):
+    """LM head over all rows of x [B, T, D], or only rows [head_start, head_start + head_width) of each row."""
+    if head_start is None or head_width is None or head_width >= x.shape[1]:
+        return _head(params, cfg, x)
+    return _head(params, cfg, _row_slice(x, head_start, head_width))
+
+
 def _embed(params, tokens):
     e = params["embed"]
     if isinstance(e, quant.QArray):
@@ -126,18 +140,20 @@ def _query_blocks(cfg: ModelConfig, q_index_BxT, prefix_len):
     return jnp.maximum(q_index_BxT, jnp.asarray(prefix_len, jnp.int32) - 1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
 def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
-            prefix_len=None, key_end=None):
+            prefix_len=None, key_end=None, head_start=None, head_width=None):
     """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree).
 
     prefix_len: the prompt length, used only by block-causal models whose prompt is one block
     (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks.
     key_end: optional [B, T] int: query t sees only keys [0, key_end[b, t]) (replaces cfg.block_causal; block-diffusion
-    policies pass the mask each official forward uses, dllm_jax/engine/block_diffusion.py)."""
+    policies pass the mask each official forward uses, dllm_jax/engine/block_diffusion.py).
+    head_start [B] / head_width (static): logits only for rows [head_start, head_start + head_width) ([B, W, V])."""
     if cfg.family in _BODIES:
         return _BODIES[cfg.family].forward(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret=interpret,
-                                           prefix_len=prefix_len, **_key_end_kw(key_end))
+                                           prefix_len=prefix_len, **_key_end_kw(key_end),
+                                           **_head_kw(head_start, head_width))
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -149,17 +165,23 @@ def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_
     def layer(x, lp):
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(cfg, lp, h)
-        o = _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret, key_end)
+        k = rope(k, positions_BxT, cfg)
+        o = _attend(cfg, q, k, v, key_valid_BxT, positions_BxT, positions_BxT, q_index, interpret, key_end,
+                    k_roped=True)
         x = x + _proj(o.reshape(B, T, -1), lp["wo"])
         x = x + _mlp(cfg, lp, x)
         return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer, x, params["layers"])
-    return _head(params, cfg, x), {"k": k, "v": v}
+    return head_rows(params, cfg, x, head_start, head_width), {"k": k, "v": v}
 
 
 def _key_end_kw(key_end):
     return {} if key_end is None else {"key_end": key_end}
+
+
+def _head_kw(head_start, head_width):
+    return {} if head_start is None else {"head_start": head_start, "head_width": head_width}
 
 
 def _row_slice(a_BxS, start_B, size):
@@ -170,21 +192,21 @@ def _row_update(a_BxS, upd_BxW, start_B):
     return jax.vmap(lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0))(a_BxS, upd_BxW, start_B)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False, prefix_len=None, key_end=None):
+                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None):
     """Cached forward of a window of W queries at per-row offsets `start_B` into the S-long KV buffer.
 
     For each layer the window's freshly computed K/V overwrite the cache where `write_BxW` is true (dual-cache
     `replace_position`; prefix-cache = write the whole suffix); the queries then attend over the full updated
     buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S. prefix_len, key_end ([B, W]): as in
-    `forward`.
+    `forward`; head_start ([B], relative to the window) / head_width: as in `forward`.
     Returns (logits [B,W,V] float32, updated cache).
     """
     if cfg.family in _BODIES:
         return _BODIES[cfg.family].forward_window(params, cfg, tokens_BxW, start_B, write_BxW, cache, positions_BxS,
                                                   key_valid_BxS, interpret=interpret, prefix_len=prefix_len,
-                                                  **_key_end_kw(key_end))
+                                                  **_key_end_kw(key_end), **_head_kw(head_start, head_width))
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
     q_index = _query_blocks(cfg, start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None], prefix_len)
@@ -194,19 +216,20 @@ def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cac
         lp, ck, cv = lp_kv
         h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
         q, k, v = _qkv(cfg, lp, h)
+        k = rope(k, q_pos, cfg)  # the window's keys, rotated once at their positions (the cache holds rotated keys)
         wmask = write_BxW[:, :, None, None]
         k_blend = jnp.where(wmask, k.astype(ck.dtype), _row_slice(ck, start_B, W))
         v_blend = jnp.where(wmask, v.astype(cv.dtype), _row_slice(cv, start_B, W))
         ck = _row_update(ck, k_blend, start_B)
         cv = _row_update(cv, v_blend, start_B)
         o = _attend(cfg, q, ck.astype(q.dtype), cv.astype(q.dtype), key_valid_BxS, q_pos, positions_BxS, q_index,
-                    interpret, key_end)
+                    interpret, key_end, k_roped=True)
         x = x + _proj(o.reshape(B, W, -1), lp["wo"])
         x = x + _mlp(cfg, lp, x)
         return x, (ck, cv)
 
     x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
-    return _head(params, cfg, x), {"k": k, "v": v}
+    return head_rows(params, cfg, x, head_start, head_width), {"k": k, "v": v}
 
 
 def shift_logits(logits_BxTxV):

@@ -91,6 +91,10 @@ PRESETS = {
     # (--init-from), a low-peak cosine over many more sequences, more weight on the hardest task (code)
     "long": TrainConfig(name="long", n_layers=6, steps=60000, lr=1e-3, warmup=300, ckpt_every=250, log_every=50,
                         task_weights=(("arith", 0.40), ("code", 0.35), ("sort", 0.25))),
+    # continuation (session 3): warm start from the shipped model (--init-from) at a low peak lr (the shipped run
+    # ended at 1e-4; run 4's restart to 1e-3 pushed the loss up), 5000 more steps, sized for one CPU core in ~2 h
+    "cont": TrainConfig(name="cont", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
+                        task_weights=(("arith", 0.40), ("code", 0.35), ("sort", 0.25))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

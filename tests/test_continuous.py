@@ -108,3 +108,35 @@ def test_slots_on_a_mesh_equal_standalone_generate(model):
     for r, gen in done.items():
         ref = generate(model, [PROMPTS[r]], gen_length=G, schedule=sched, seed=seeds[r])
         np.testing.assert_array_equal(gen, ref.generated[0])
+
+
+@pytest.mark.parametrize("preset,kw", [
+    ("fastdllm_dual", dict(block_length=4, threshold=0.7)),
+    ("fastdllm_prefix", dict(block_length=4, threshold=0.7)),
+    ("fastdllm_dream_dual", dict(block_length=4, threshold=0.7, temperature=0.8)),
+])
+def test_refresh_sub_batch_keeps_tokens(model, preset, kw):
+    # rows at different block phases: the refresh forward runs on at most `refresh_rows` gathered rows, the others
+    # wait one iteration; every request still equals `generate` on it alone, and some row really waited
+    sched = make_schedule(preset, G, model.cfg, **kw).replace(refresh_rows=1)
+    seeds = [5 * i + 2 for i in range(len(PROMPTS))]
+    done, _ = _serve_all(model, sched, PROMPTS, seeds, n_slots=4, chunks=[1, 2, 3])
+    assert sorted(done) == list(range(len(PROMPTS)))
+    for r, (gen, nfe, capped) in done.items():
+        ref = generate(model, [PROMPTS[r]], gen_length=G, schedule=sched.replace(refresh_rows=None), seed=seeds[r])
+        np.testing.assert_array_equal(gen, ref.generated[0], err_msg=f"request {r}")
+        assert nfe == int(ref.nfe[0]) and capped == bool(ref.unfinished[0])
+    if sched.sampler.temperature == 0:
+        # plain batched generate (greedy: steps do not matter): both rows need their first refresh together, one
+        # waits (more loop iterations than forwards), and the tokens are those of the whole-batch refresh
+        out = generate(model, PROMPTS[:3], gen_length=G, schedule=sched)
+        ref = generate(model, PROMPTS[:3], gen_length=G, schedule=sched.replace(refresh_rows=None))
+        np.testing.assert_array_equal(out.sequences, ref.sequences)
+        np.testing.assert_array_equal(out.nfe, ref.nfe)
+        assert out.loop_iterations > ref.loop_iterations
+
+
+def test_refresh_rows_needs_row_steps_with_sampling(model):
+    sched = make_schedule("fastdllm_dream_dual", G, model.cfg, block_length=4, temperature=0.8).replace(refresh_rows=1)
+    with pytest.raises(ValueError, match="refresh_rows"):
+        generate(model, PROMPTS[:2], gen_length=G, schedule=sched)

@@ -47,6 +47,10 @@ class Schedule:
     # deterministic, else everywhere; "all" = every position of every forward (the reference codes' work; same
     # tokens, kept for measurements).
     head_rows: str = "window"
+    # Continuous batching (serve): when rows disagree, run the full (refresh) forward on at most this many rows, the
+    # rows that need it first; a row that needs a refresh beyond them waits one iteration (frozen, it draws the same
+    # with per-row steps). None = a full forward over the whole batch (every row that needs it refreshes at once).
+    refresh_rows: int | None = None
 
     def replace(self, **kw) -> "Schedule":
         return dataclasses.replace(self, **kw)
@@ -118,6 +122,11 @@ def _span_rows(cfg: ModelConfig, span, lo, T):
 def _rows(mask_B, a):
     """Broadcast a per-row [B] mask against an array [B, ...]."""
     return mask_B.reshape(mask_B.shape + (1,) * (a.ndim - 1))
+
+
+def _keep_rows(mask_B, new, old):
+    """Per-row state: `new` where mask_B, else `old` (rows that did not run this iteration keep their state)."""
+    return jax.tree.map(lambda n, o: jnp.where(_rows(mask_B, n), n, o), new, old)
 
 
 def _aux_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, logits, w0, slice_start):
@@ -258,6 +267,10 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
     max_nfe = sched.max_nfe or (4 * ctx.gen_length + 8)
     W = cpol.width(ctx, win) if cpol.has_cache else L
     widths = cpol.widths(ctx, win) if cpol.has_cache else (L,)
+    if sched.refresh_rows is not None and (sched.refresh_rows < 1 or (
+            not row_steps and (sched.sampler.temperature > 0 or sched.sampler.confidence == "random"))):
+        raise ValueError(f"refresh_rows={sched.refresh_rows}: needs an int >= 1, and with random draws per-row steps "
+                         "(continuous batching), since a row that waits for a refresh would draw at another step")
     if widths[-1] != W:
         raise ValueError(f"{type(cpol).__name__}.widths {widths} must end with its width {W}")
 
@@ -303,27 +316,59 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
                 window = lambda: jax.lax.switch(cpol.width_index(cs, ctx, w, active, widths),  # noqa
                                                 [window_of(Wk) for Wk in widths])
 
+            no_defer = jnp.zeros((B,), bool)
+
             def mixed():
                 xf, cf, kvf, af = full()
                 xw, cw, kvw, aw = window()
                 m = need_full[:, None]
                 kvm = jax.tree.map(lambda a, b: jnp.where(need_full[None, :, None, None, None], a, b), kvf, kvw)
                 am = jax.tree.map(lambda a, b: jnp.where(_rows(need_full, a), a, b), af, aw)
-                return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm, am
+                return jnp.where(m, xf, xw), jnp.where(m, cf, cw), kvm, am, no_defer
 
+            def mixed_sub():
+                # the full forward on K gathered rows (those that need it first), the window forward on all rows
+                nf = need_full & active
+                idx = jnp.argsort(~nf, stable=True)[:K]
+                sel = nf[idx]
+                take = lambda a: jnp.take(a, idx, axis=0)  # noqa: E731
+                xf, cf, kvf, af = _full_stats(
+                    params, cfg, sched, dataclasses.replace(ctx, batch=K), take(x), take(key_valid), take(positions),
+                    take(keys), take(step) if jnp.ndim(step) else step, jax.tree.map(take, w),
+                    None if c.get("p") is None else jax.tree.map(take, c["p"]),
+                    None if full_key_end is None else take(full_key_end),
+                    None if span is None else (take(span[0]), span[1]))
+                xw, cw, kvw, aw = window()
+
+                def put(a_full, a_base, ax=0):
+                    cur = jnp.take(a_base, idx, axis=ax)
+                    m = sel.reshape((1,) * ax + (K,) + (1,) * (cur.ndim - ax - 1))
+                    return a_base.at[(slice(None),) * ax + (idx,)].set(jnp.where(m, a_full, cur))
+
+                chosen = jnp.zeros((B,), bool).at[idx].set(sel)
+                return (put(xf, xw), put(cf, cw), jax.tree.map(lambda a, b: put(a, b, 1), kvf, kvw),
+                        jax.tree.map(put, af, aw), nf & ~chosen)
+
+            K = min(sched.refresh_rows or B, B)
             if B == 1:  # a single row never mixes: skip compiling the mixed branch
                 x0, conf, kv, aux = jax.lax.cond(need_full[0], full, window)
+                defer = no_defer
             else:
                 live_full = need_full | ~active
                 branch = jnp.where(jnp.all(live_full), 1, jnp.where(jnp.any(need_full & active), 2, 0))
-                x0, conf, kv, aux = jax.lax.switch(branch, [window, full, mixed])
+                x0, conf, kv, aux, defer = jax.lax.switch(
+                    branch, [lambda: (*window(), no_defer), lambda: (*full(), no_defer),
+                             mixed_sub if K < B else mixed])
         else:
             x0, conf, _, aux = _full_stats(params, cfg, sched, ctx, x, key_valid, positions, keys, step, w,
                                            c.get("p"), full_key_end, span)
+            defer = None
+        if defer is not None:  # rows waiting for a refresh slot sit this iteration out, frozen like finished rows
+            was_active, active = active, active & ~defer
         did_full = need_full & active
         pst = aux.pop("_logit_state", None)
 
-        w = win.resolve(w, ctx, x, x0, conf, (i == 0) & active)
+        w = _keep_rows(active, win.resolve(w, ctx, x, x0, conf, (i == 0) & active), w)
         c_lo, c_hi = cpol.cand_range(cs, ctx, w, did_full)
         cand = (x == ctx.mask_id) & in_range(pos, c_lo, c_hi) & active[:, None]
         conf = jnp.where(cand, conf, -jnp.inf)
@@ -336,7 +381,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
             commit = jnp.where(did_full[:, None], cand & (pos == first[:, None]), commit)
             a_new = jax.tree.map(lambda new, old: jnp.where(did_full, old, new) if new.ndim == 1 else new, a_new, a)
         commit = commit & active[:, None]
-        a = jax.tree.map(lambda new, old: jnp.where(active, new, old) if new.ndim == 1 else new, a_new, a)
+        a = jax.tree.map(lambda n, o: jnp.where(_rows(active, n), n, o) if n.ndim and n.shape[0] == B else n,
+                         a_new, a)
         x = jnp.where(commit, x0, x)
         n_commit = jnp.sum(commit, axis=1).astype(jnp.int32)
 
@@ -344,7 +390,7 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         i = i + active.astype(jnp.int32)
         cs = cpol.after_forward(cs, did_full, active, w)
         cs = cpol.after_commit(cs, ctx, n_commit, did_full)
-        w = win.after_commit(w, ctx, x, n_commit)
+        w = _keep_rows(active, win.after_commit(w, ctx, x, n_commit), w)
         # cross-row coordination (BlockBatch: rows are branches of one request): may rewrite the canvas and name,
         # per row, the row whose KV cache it takes over (None: no copy)
         w, x, src_rows = win.coordinate(w, ctx, x, aux, did_full, n_commit, kv if cpol.has_cache else None)
@@ -365,6 +411,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
         if sched.eos_early_stop:
             x, stopped = _eos_stop(ctx, x, active)
             active = active & ~stopped
+        if defer is not None:
+            active = jnp.where(defer, was_active, active)
 
         out = {**c, "x": x, "w": w, "a": a, "c": cs, "i": i, "nfe": nfe, "active": active, "it": c["it"] + 1}
         if pst is not None:

@@ -51,6 +51,7 @@ class ServeConfig:
     max_programs: int = 32
     mesh: object = None
     batch_sizes: tuple = ()  # physical batch sizes compiled per group besides `slots` (SlotGroup)
+    refresh_rows: int | None = None  # cache schedules: rows per refresh forward when rows disagree (Schedule field)
 
 
 class Server:
@@ -113,8 +114,10 @@ class Server:
 
         preset, settings = self.specs[key]
         P, G = key[2], key[3]
-        return SlotGroup(self.cfg.model, self._schedule(preset, settings, G), P, G, self.cfg.slots, self.cfg.mesh,
-                         batch_sizes=self.cfg.batch_sizes)
+        sched = self._schedule(preset, settings, G)
+        if sched.cache.has_cache and self.cfg.refresh_rows is not None:
+            sched = sched.replace(refresh_rows=self.cfg.refresh_rows)
+        return SlotGroup(self.cfg.model, sched, P, G, self.cfg.slots, self.cfg.mesh, batch_sizes=self.cfg.batch_sizes)
 
     def warm(self) -> tuple[int, float]:
         keys = []

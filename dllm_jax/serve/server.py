@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-sizes", default="auto",
                     help="physical batch sizes compiled below --slots (a chunk runs the occupied slots in the smallest "
                          "that holds them; idle slots then cost no compute); auto: powers of two, 'none': only --slots")
+    ap.add_argument("--refresh-rows", default="auto",
+                    help="cache schedules: the most rows one refresh (full) forward runs on when slots are at different "
+                         "block phases; rows beyond wait one iteration (tokens unchanged). auto: ceil(slots / 8); "
+                         "'all': every row that needs it (a full forward over the whole batch)")
     ap.add_argument("--prompt-buckets", default="32,64", help="prompt lengths compiled (multiples of 32, as "
                                                                    "`generate` pads a prompt alone)")
     ap.add_argument("--gen-buckets", default="32,64", help="generation lengths compiled; max_tokens is rounded "
@@ -82,6 +86,12 @@ def make_server(a):
         sizes = ()
     else:
         sizes = tuple(b for b in _ints(a.batch_sizes, "batch-sizes") if b < a.slots)
+    if a.refresh_rows == "auto":
+        refresh_rows = -(-a.slots // 8)
+    elif a.refresh_rows == "all":
+        refresh_rows = None
+    else:
+        refresh_rows = _ints(a.refresh_rows, "refresh-rows")[0]
     mesh = parse_mesh(a.mesh)
     model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh)
     if p_buckets[-1] + g_buckets[-1] > model.cfg.max_seq_len:
@@ -96,7 +106,7 @@ def make_server(a):
     cfg = ServeConfig(model=model, tokenizer=tok, model_id=model_id, schedule=a.schedule, settings=settings,
                       prompt_buckets=p_buckets, gen_buckets=g_buckets, slots=a.slots,
                       default_max_tokens=a.default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
-                      max_programs=a.max_programs, mesh=mesh, batch_sizes=sizes)
+                      max_programs=a.max_programs, mesh=mesh, batch_sizes=sizes, refresh_rows=refresh_rows)
     server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk, "static": a.batching == "static"})
     n_sizes = len(set(sizes) | {a.slots})
     print(f"[serve] compiling {len(p_buckets) * len(g_buckets) * n_sizes} programs ({len(p_buckets)} prompt x "

@@ -227,6 +227,54 @@ def batch_sweep(sizes=(1, 2, 4, 8), gen_length=64):
     return out
 
 
+def slot_sweep(n_requests=32, n_slots=8, chunk=8, gen_length=64, refresh=(1, 2, 4)):
+    """The server's engine without HTTP: `n_requests` chat prompts through a SlotGroup (refilled between chunks, as
+    the batcher does) against one slot, for each schedule, with the refresh sub-batch sizes `refresh`; best of 2
+    after a warm-up. Tokens are identical in every mode (the tests check it); this measures requests/s only."""
+    import dllm_jax
+    from dllm_jax.cli import default_model_path
+    from dllm_jax.presets import make_schedule
+    from dllm_jax.serve.slots import SlotGroup
+    from dllm_jax.tokenizer import CharTokenizer
+
+    model, tok = dllm_jax.load(default_model_path()), CharTokenizer()
+    prompts = [[tok.bos_id, tok.user_id, *tok.encode(p), tok.eot_id, tok.assistant_id][-32:]
+               for p in prompts_for(n_requests)]
+
+    def run(sched, slots):
+        grp = SlotGroup(model, sched, 32, gen_length, slots)
+
+        def once():
+            waiting, nfe, t = list(range(n_requests)), 0, time.perf_counter()
+            while waiting or grp.busy():
+                for b in grp.free_slots():
+                    if waiting:
+                        r = waiting.pop(0)
+                        grp.load(b, prompts[r], 0, r)
+                for b, v in enumerate(grp.step(chunk, stop_on_finish=bool(waiting))):
+                    if grp.owner[b] is not None and not v.active:
+                        nfe += v.nfe
+                        grp.clear(b)
+            return time.perf_counter() - t, nfe
+
+        once()
+        return min(once() for _ in range(2))
+
+    out = []
+    for name, kw in (("fastdllm_dual", {"threshold": 0.9}), ("vanilla", {})):
+        base = make_schedule(name, gen_length, model.cfg, **kw)
+        modes = [("one-at-a-time", base, 1), (f"{n_slots} slots, refresh all", base, n_slots)]
+        if base.cache.has_cache:
+            modes += [(f"{n_slots} slots, refresh_rows {k}", base.replace(refresh_rows=k), n_slots) for k in refresh]
+        for label, sched, slots in modes:
+            secs, nfe = run(sched, slots)
+            row = {"schedule": name, "mode": label, "run_s": secs, "req_per_s": n_requests / secs, "nfe": nfe,
+                   "load": os.getloadavg()[0]}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=32)
@@ -238,6 +286,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="continuous,one-at-a-time,static")
     ap.add_argument("--out", default="docs/benchmarks/serving")
     ap.add_argument("--sweep-only", action="store_true", help="only the batch-size sweep (OUT.sweep.json)")
+    ap.add_argument("--slots-only", action="store_true",
+                    help="only the slot-level comparison without HTTP (OUT.slots.json): one slot vs --slots slots, "
+                         "refresh sub-batch sizes")
     ap.add_argument("--replot", action="store_true", help="redraw OUT.table.md and OUT.png from OUT.json")
     a = ap.parse_args(argv)
     if a.replot:
@@ -248,6 +299,11 @@ def main(argv=None) -> int:
     if a.sweep_only:
         with open(a.out + ".sweep.json", "w") as f:
             json.dump(batch_sweep(), f, indent=1)
+        return 0
+    if a.slots_only:
+        rows = slot_sweep(n_requests=a.requests, n_slots=a.slots)
+        with open(a.out + ".slots.json", "w") as f:
+            json.dump(rows, f, indent=1)
         return 0
     rates = parse_rates(a.rates)
     prompts = prompts_for(a.requests)

@@ -95,6 +95,34 @@ def test_iteration_kinds_and_run_costs():
     assert c["total"].flops == 2 * f.flops + 3 * w.flops
 
 
+def test_head_rows_and_window_widths_in_the_cost_model():
+    cfg = _small_cfg(vocab_size=10, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, mlp_hidden=16)
+    full, part = bench.forward_cost(cfg, 3, 5, 7), bench.forward_cost(cfg, 3, 5, 7, head_rows=2)
+    assert full.flops - part.flops == 3 * 3 * 2 * 8 * 10  # 3 rows of 3 fewer head rows
+    assert full.bytes - part.bytes == 3 * 3 * 10 * 4  # and their float32 logits
+    # a prefix cache over widths (16, 32): iterations whose live rows all have s >= L - 16 take 16 rows
+    trace = {"full": np.array([[True, True], [False, False], [False, False], [False, False]]),
+             "s": np.array([[8, 8], [8, 24], [24, 24], [24, 30]])}
+    w = bench.mean_window_width(trace, np.array([4, 3]), 4, (16, 32), 40)
+    # it 1: needs 32; it 2: both rows need 16; it 3: only row 0 is live (s 24) -> 16
+    assert w == (32 + 16 + 16) / 3
+    assert bench.mean_window_width(trace, np.array([4, 3]), 4, (32,), 40) == 32.0
+
+
+def test_head_width_follows_the_schedule(llada_model):
+    from dllm_jax.engine.context import Ctx
+    from dllm_jax.engine.loop import head_width
+    from dllm_jax.presets import make_schedule
+
+    cfg = llada_model.cfg
+    ctx = Ctx(batch=1, prompt_len=32, gen_length=32, mask_id=cfg.mask_token_id, eos_id=cfg.eos_token_id,
+              pad_id=cfg.pad_token_id)
+    sched = make_schedule("fastdllm", 32, cfg, block_length=8)
+    assert head_width(sched, cfg, ctx, 64) == 8
+    assert head_width(sched.replace(head_rows="all"), cfg, ctx, 64) == 64
+    assert head_width(make_schedule("llada", 32, cfg, steps=32, block_length=8, temperature=0.5), cfg, ctx, 64) == 64
+
+
 @pytest.mark.parametrize("preset,kw", [
     ("fastdllm_dual", dict(block_length=8, threshold=0.7)),
     ("fastdllm", dict(block_length=8, threshold=0.7)),

@@ -26,6 +26,7 @@ import sys
 import signal
 import tempfile
 import threading
+import time
 
 # Files copied verbatim from SRC when present (tokenizer, generation defaults, chat templates).
 TOKENIZER_FILES = (
@@ -246,6 +247,8 @@ def convert(src: str, dst: str, dtype: str = "auto", overwrite: bool = False, pr
         log(f"converting {cfg.family} checkpoint {src} ({len(plan.shards)} shard(s), {plan.n_tensors} tensors, "
             f"{_fmt_bytes(plan.total_bytes)}, source dtype {'/'.join(sorted(plan.source_dtypes))}) -> {dst} "
             f"[{dtype_name}{f', {qcfg.name}' if qcfg else ''}]")
+        if os.environ.get("DLLM_JAX_CONVERT_HOLD_S"):  # test seam: stay in the reading phase (Ctrl-C test on a
+            time.sleep(float(os.environ["DLLM_JAX_CONVERT_HOLD_S"]))  # loaded machine, tests/test_convert.py)
         from tqdm import tqdm
 
         with tqdm(total=plan.n_tensors, unit="tensor", file=sys.stderr, disable=not progress, dynamic_ncols=True,

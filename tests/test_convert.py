@@ -421,8 +421,11 @@ def test_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, when):
     import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # while reading, the child holds 60 s after its first line: on a loaded machine the conversion could otherwise end
+    # before this process gets to send the signal (seen once with two test workers and a training job on 2 cores)
+    hold = {"DLLM_JAX_CONVERT_HOLD_S": "60"} if when == "converting" else {}
     p = subprocess.Popen([sys.executable, "-m", "convert.hf_to_flax", str(src), str(dst), "--no-progress"], cwd=root,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **hold})
     seen = []
     for line in p.stderr:
         seen.append(line)

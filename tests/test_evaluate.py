@@ -124,12 +124,14 @@ def test_eval_committed_default_model_json(tmp_path):
 
 
 def test_shipped_model_floor():
-    """Regression floor for the shipped model + engine: it sorts held-out digit strings almost right (measured
-    character accuracy ~0.9+, exact match ~6 %; docs/default_model.md). A broken checkpoint, tokenizer or engine
-    falls to ~0.1."""
+    """Regression floor for the shipped model + engine on the first 32 held-out sort problems: run 5 sorts 46 % of
+    held-out digit strings exactly (n = 200, 95 % CI 39-53 %) with character accuracy 0.96 (docs/default_model.md);
+    the floor is 25 % exact (the 32-problem sample's lower 1-in-100 tail at 46 %) and 0.85 characters. Run 3 (6.5 %
+    exact) fails it; a broken checkpoint, tokenizer or engine falls to ~0 / ~0.1."""
     model = dllm_jax.load(evaluate.default_model_path())
-    r = evaluate.evaluate_schedule(model, "vanilla", dict(block_length=32), ["sort"], n=8, batch_size=8)
-    assert r["tasks"]["sort"]["char_accuracy"] >= 0.75, r["tasks"]["sort"]
+    r = evaluate.evaluate_schedule(model, "vanilla", dict(block_length=32), ["sort"], n=32, batch_size=32)
+    assert r["tasks"]["sort"]["accuracy"] >= 0.25, r["tasks"]["sort"]
+    assert r["tasks"]["sort"]["char_accuracy"] >= 0.85, r["tasks"]["sort"]
 
 
 def test_sweep_osdt_calibrates_per_task(tiny_char_model):

@@ -424,8 +424,11 @@ def test_ctrl_c_leaves_nothing_and_no_traceback(tmp_path, when):
     # while reading, the child holds 60 s after its first line: on a loaded machine the conversion could otherwise end
     # before this process gets to send the signal (seen once with two test workers and a training job on 2 cores)
     hold = {"DLLM_JAX_CONVERT_HOLD_S": "60"} if when == "converting" else {}
+    # the child gets Ctrl-C's default disposition: a pytest-xdist worker ignores SIGINT, and an ignored signal is
+    # inherited, so Python in the child would never raise KeyboardInterrupt (as a user's shell would deliver it)
     p = subprocess.Popen([sys.executable, "-m", "convert.hf_to_flax", str(src), str(dst), "--no-progress"], cwd=root,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **hold})
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **hold},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:
         seen.append(line)

@@ -161,6 +161,22 @@ def _process_logits(sched: Schedule, ctx: Ctx, pst, logits, x_rows, w0, wst):
     return logits, jax.tree.map(lambda a, r: row_update(a, r, w0) if a.ndim >= 2 else r, pst, rows)
 
 
+def _row_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, pst, logits, rows, w0, a, Wh, slice_start, keys,
+               step):
+    """Token statistics of a forward over `rows` [B, T] (canvas position w0 + j for row j) whose logits cover all
+    T rows (a None) or only rows [a, a + Wh) (head rows): (x0, conf [B, T], aux, logit state); rows without logits
+    keep their token with confidence -inf (no proposal)."""
+    if a is not None:
+        rows_all, rows, w0 = rows, row_slice(rows, a, Wh), w0 + a
+    logits, pst = _process_logits(sched, ctx, pst, logits, rows, w0, wst)
+    x0, conf = token_stats(sched.sampler, logits, keys, step)
+    aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
+    if a is not None:
+        x0 = row_update(rows_all, x0, a)
+        conf = row_update(jnp.full(rows_all.shape, -jnp.inf, jnp.float32), conf, a)
+    return x0, conf, aux, pst
+
+
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
                 wst=None, pst=None, key_end=None, span=None):
     a, Wh = _span_rows(cfg, span, jnp.zeros((ctx.batch,), jnp.int32), ctx.total_len)
@@ -179,16 +195,7 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len,
                                          key_end=key_end, head_start=a, head_width=Wh)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
-    if a is None:
-        logits, pst = _process_logits(sched, ctx, pst, logits, x, zeros, wst)
-        x0, conf = token_stats(sched.sampler, logits, keys, step)
-        aux = _aux_stats(sched, cfg, ctx, wst, logits, zeros, zeros)
-    else:  # statistics of rows [a, a + Wh) only, placed on the canvas (other positions: no proposal)
-        logits, pst = _process_logits(sched, ctx, pst, logits, row_slice(x, a, Wh), a, wst)
-        x0s, confs = token_stats(sched.sampler, logits, keys, step)
-        aux = _aux_stats(sched, cfg, ctx, wst, logits, a, zeros)
-        x0 = row_update(x, x0s, a)
-        conf = row_update(jnp.full(x.shape, -jnp.inf, jnp.float32), confs, a)
+    x0, conf, aux, pst = _row_stats(sched, cfg, ctx, wst, pst, logits, x, zeros, a, Wh, zeros, keys, step)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:
@@ -206,16 +213,8 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
     a, Wh = _span_rows(cfg, span, w0, W)  # head rows relative to the window (a prefix-cache window is wider)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid,
                                                prefix_len=ctx.prompt_len, key_end=key_end, head_start=a, head_width=Wh)
-    if a is None:
-        logits, pst = _process_logits(sched, ctx, pst, logits, tokens, w0, wst)
-        x0w, confw = token_stats(sched.sampler, logits, keys, step)
-        aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
-    else:
-        logits, pst = _process_logits(sched, ctx, pst, logits, row_slice(tokens, a, Wh), w0 + a, wst)
-        x0s, confs = token_stats(sched.sampler, logits, keys, step)
-        aux = _aux_stats(sched, cfg, ctx, wst, logits, w0 + a, slice_start)
-        x0w = row_update(tokens, x0s, a)
-        confw = row_update(jnp.full(tokens.shape, -jnp.inf, jnp.float32), confs, a)
+    x0w, confw, aux, pst = _row_stats(sched, cfg, ctx, wst, pst, logits, tokens, w0, a, Wh, slice_start, keys,
+                                      step)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:

@@ -95,6 +95,10 @@ PRESETS = {
     # ended at 1e-4; run 4's restart to 1e-3 pushed the loss up), 5000 more steps, sized for one CPU core in ~2 h
     "cont": TrainConfig(name="cont", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
                         task_weights=(("arith", 0.40), ("code", 0.35), ("sort", 0.25))),
+    # second continuation (session 4): as `cont`, from run 5, weighted towards the two tasks still at ~0 % exact
+    # match (sort reached 46 % with 25 % of the data)
+    "cont2": TrainConfig(name="cont2", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
+                         seed=1, task_weights=(("arith", 0.45), ("code", 0.45), ("sort", 0.10))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

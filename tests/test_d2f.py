@@ -10,6 +10,7 @@ prefix; both must give the same tokens and the same number of forwards.
 """
 
 import dataclasses
+import functools
 import importlib
 
 import jax
@@ -34,12 +35,23 @@ def d2f_mask(prompt_len, total, block):
 
 def dense_forward(model, ids, allowed_TxT):
     """Logits [T, V] of the model on one unpadded sequence under an explicit attention mask (plain jnp, layer by
-    layer; no kernels, no cache)."""
-    cfg, params = model.cfg, model.params
+    layer; no kernels, no cache). Compiled once per 32-token bucket: the sequence is padded at the end with keys no
+    real query may see (a padded query sees only itself), so the real rows are those of the unpadded sequence."""
     n = len(ids)
+    N = -(-n // 32) * 32
+    allowed = np.eye(N, dtype=bool)
+    allowed[:n, :n] = np.asarray(allowed_TxT, bool)
+    padded = np.zeros((1, N), np.int32)
+    padded[0, :n] = ids
+    return np.asarray(_dense_forward(model.params, model.cfg, jnp.asarray(padded), jnp.asarray(allowed))[0, :n])
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _dense_forward(params, cfg, ids_1xN, allowed_NxN):
+    n = ids_1xN.shape[1]
     pos = jnp.arange(n, dtype=jnp.int32)[None]
     cos, sin = T.rope_tables(pos, cfg.head_dim, cfg.rope_theta)
-    x = T._embed(params, jnp.asarray(ids, jnp.int32)[None])
+    x = T._embed(params, ids_1xN)
     rep = cfg.n_heads // cfg.n_kv_heads
     for li in range(cfg.n_layers):
         lp = jax.tree.map(lambda a: a[li], params["layers"])
@@ -48,11 +60,11 @@ def dense_forward(model, ids, allowed_TxT):
         q, k = T.apply_rope(q, cos, sin), T.apply_rope(k, cos, sin)
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
         s = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * cfg.head_dim ** -0.5
-        p = jax.nn.softmax(jnp.where(jnp.asarray(allowed_TxT)[None, None], s, -jnp.inf), axis=-1)
+        p = jax.nn.softmax(jnp.where(allowed_NxN[None, None], s, -jnp.inf), axis=-1)
         o = jnp.einsum("bhts,bshd->bthd", p, v.astype(jnp.float32)).astype(x.dtype)
         x = x + T._proj(o.reshape(1, n, -1), lp["wo"])
         x = x + T._mlp(cfg, lp, x)
-    return np.asarray(T._head(params, cfg, x)[0])
+    return T._head(params, cfg, x)
 
 
 def official_d2f(model, prompt, gen_length, block, tau_add, tau_act, tau_conf):

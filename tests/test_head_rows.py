@@ -1,5 +1,6 @@
-"""The LM head only where a schedule reads (`Schedule.head_rows="window"`, the default) gives the same tokens and NFE
-as the head over every position ("all", the reference codes' work), for the windows that declare the bound, with
+"""The LM head only where a schedule reads (`Schedule.head_rows="masked"`, the default: the still-masked rows of the
+window where every decision reads masked positions only, else "window": the window's rows) gives the same tokens and
+NFE as the head over every position ("all", the reference codes' work), for the windows that declare the bound, with
 left-padded rows of different prompt lengths, for the shifted-logits family (Dream) and through a prefix-cache window
 wider than the block; and the cache keeps rotated keys (a cached window forward equals the full forward)."""
 
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dllm_jax.engine.loop import _span_rows, head_span
+from dllm_jax.engine.loop import Schedule, _masked_head_stats, _span_rows, head_masked, head_span, masked_head_widths
+from dllm_jax.engine.sampling import TokenSampler, token_stats
 from dllm_jax.models import transformer
 from dllm_jax.presets import make_schedule
 
@@ -18,17 +20,19 @@ G = importlib.import_module("dllm_jax.generate")
 PROMPTS = [[11, 23, 5, 77, 100, 3, 42, 9], [7, 8, 9, 10, 12]]
 GEN = 32
 
+# (fixture, preset, kwargs, masked rows only?): AdaBlock's resolve reads predicted delimiters at filled positions,
+# dInfer's credit rule processes every computed row's logits, Dream reads row p - 1 for position p: window rows there
 CASES = [
-    ("llada_model", "llada", dict(steps=32, block_length=8)),
-    ("llada_model", "fastdllm", dict(block_length=8, threshold=0.5)),
-    ("llada_model", "fastdllm_prefix", dict(block_length=8, threshold=0.5)),
-    ("llada_model", "fastdllm_dual", dict(block_length=8, threshold=0.5)),
-    ("llada_model", "entropy_elastic", dict()),
-    ("llada_model", "adablock", dict()),
-    ("llada_model", "dinfer_credit", dict()),
-    ("dream_model", "dream", dict(steps=32)),
-    ("dream_model", "fastdllm_dream_prefix", dict(block_length=8, threshold=0.5)),
-    ("dream_model", "fastdllm_dream_dual", dict(block_length=8, threshold=0.5)),
+    ("llada_model", "llada", dict(steps=32, block_length=8), True),
+    ("llada_model", "fastdllm", dict(block_length=8, threshold=0.5), True),
+    ("llada_model", "fastdllm_prefix", dict(block_length=8, threshold=0.5), True),
+    ("llada_model", "fastdllm_dual", dict(block_length=8, threshold=0.5), True),
+    ("llada_model", "entropy_elastic", dict(), True),
+    ("llada_model", "adablock", dict(), False),
+    ("llada_model", "dinfer_credit", dict(), False),
+    ("dream_model", "dream", dict(steps=32), False),
+    ("dream_model", "fastdllm_dream_prefix", dict(block_length=8, threshold=0.5), False),
+    ("dream_model", "fastdllm_dream_dual", dict(block_length=8, threshold=0.5), False),
 ]
 
 
@@ -37,11 +41,11 @@ def _run(model, sched):
     return np.asarray(out.sequences), np.asarray(out.nfe)
 
 
-@pytest.mark.parametrize("fixture,preset,kw", CASES, ids=[c[1] for c in CASES])
-def test_head_rows_window_equals_all(request, fixture, preset, kw):
+@pytest.mark.parametrize("fixture,preset,kw,masked", CASES, ids=[c[1] for c in CASES])
+def test_head_rows_window_equals_all(request, fixture, preset, kw, masked):
     model = request.getfixturevalue(fixture)
     sched = make_schedule(preset, GEN, model.cfg, **kw)
-    assert sched.head_rows == "window"
+    assert sched.head_rows == "masked" and head_masked(sched, model.cfg) is masked
     # the fast path is really taken: a span narrower than the canvas
     ctx, x, *_ = G.prepare(model, PROMPTS, GEN, sched)
     w = sched.window.init(ctx, x)
@@ -89,3 +93,30 @@ def test_cache_holds_rotated_keys_and_window_forward_matches_full(llada_model):
     assert part.shape == (B, 4, cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(part[0]), np.asarray(logits[0, 3:7]), atol=2e-4, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(part[1]), np.asarray(logits[1, 10:14]), atol=2e-4, rtol=1e-4)
+
+
+def test_masked_head_stats_equal_the_window_head_at_masked_rows(llada_model):
+    """The masked-rows head: at every masked row the token and confidence of the head over all rows, for rows with
+    0, 1, some and all rows masked (each count picks another compiled width); other rows keep their token at -inf."""
+    cfg, params = llada_model.cfg, llada_model.params
+    Wh, mask = 16, cfg.mask_token_id
+    assert masked_head_widths(Wh) == (2, 4, 8, 16) and masked_head_widths(3) == (1, 2, 3)
+    sched = Schedule(window=None, accept=None, sampler=TokenSampler())
+    ctx = type("C", (), {"mask_id": mask})()
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.normal(size=(4, Wh, cfg.d_model)), jnp.float32)
+    ref_x0, ref_conf = token_stats(sched.sampler, transformer.head_rows(params, cfg, h))
+    for counts in ([0, 1, 0, 2], [3, 0, 5, 1], [16, 2, 9, 0], [7, 8, 8, 1]):
+        rows = np.full((4, Wh), 5, np.int32)
+        for b, n in enumerate(counts):
+            rows[b, rng.choice(Wh, n, replace=False)] = mask
+        x0, conf = _masked_head_stats(params, cfg, sched, ctx, h, jnp.asarray(rows))
+        x0, conf = np.asarray(x0), np.asarray(conf)
+        m = rows == mask
+        np.testing.assert_array_equal(x0[m], np.asarray(ref_x0)[m])
+        # equal up to float32 rounding: XLA:CPU's matmul blocks differently for another row count (1e-6 relative)
+        np.testing.assert_allclose(conf[m], np.asarray(ref_conf)[m], rtol=2e-5, atol=1e-6)
+        computed = np.isfinite(conf)
+        K = min(w for w in masked_head_widths(Wh) if w >= max(counts))  # the smallest width holding every row
+        assert (computed.sum(1) == K).all(), (counts, computed.sum(1))
+        np.testing.assert_array_equal(x0[~computed], rows[~computed])

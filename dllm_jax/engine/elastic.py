@@ -36,6 +36,7 @@ class EntropyElastic(Window):
     # resolve() sums uncertainty from s = the first mask (= the state's s) and clips the width to max_width: reads
     # past s + max_width cannot change it (loop.head_span)
     reads_within_max_width = True
+    resolve_reads_masked_only = True  # resolve reads conf only where x is masked (u = 0 elsewhere)
 
     def validate(self, ctx):
         if not (1 <= self.min_size <= self.max_size):

@@ -44,9 +44,10 @@ class Schedule:
     gen_length: int | None = None  # set by presets: the generation length the schedule was built for
     # Where the LM head, softmax and confidences are computed: "window" = only at the positions this forward's
     # decisions can read (the window, see `head_span`), where the policies declare that bound and sampling is
-    # deterministic, else everywhere; "all" = every position of every forward (the reference codes' work; same
-    # tokens, kept for measurements).
-    head_rows: str = "window"
+    # deterministic, else everywhere; "masked" (default) = within that window only at the rows still masked, where
+    # every decision reads masked positions only (`head_masked`), else as "window"; "all" = every position of every
+    # forward (the reference codes' work; same tokens, kept for measurements).
+    head_rows: str = "masked"
     # Continuous batching (serve): when rows disagree, run the full (refresh) forward on at most this many rows, the
     # rows that need it first; a row that needs a refresh beyond them waits one iteration (frozen, it draws the same
     # with per-row steps). None = a full forward over the whole batch (every row that needs it refreshes at once).
@@ -94,9 +95,51 @@ def head_span(sched: Schedule, ctx: Ctx, wst):
 
 def _span_applies(sched: Schedule) -> bool:
     win, smp = sched.window, sched.sampler
-    return (sched.head_rows == "window" and getattr(win, "reads_within_max_width", False)
+    return (sched.head_rows in ("window", "masked") and getattr(win, "reads_within_max_width", False)
             and getattr(sched.cache, "cand_within_window", True) and not getattr(win, "wants_aux", False)
             and smp.temperature == 0 and smp.confidence != "random")
+
+
+def head_masked(sched: Schedule, cfg: ModelConfig) -> bool:
+    """True when the LM head runs only on the still-masked rows of the head span (`Schedule.head_rows="masked"`).
+    Exact by construction where, on top of `head_span`'s conditions, nothing reads x0/conf at a filled position: the
+    acceptance rules read candidates (masked) only and the loop keeps the token of a filled position; the window
+    declares `resolve_reads_masked_only`; no logit-processing rule (it sees every computed row), no classifier-free
+    guidance (it mixes two heads' logits), and no shifted logits (Dream: position p reads row p - 1)."""
+    return (sched.head_rows == "masked" and _span_applies(sched)
+            and getattr(sched.window, "resolve_reads_masked_only", False)
+            and not getattr(sched.accept, "wants_logits", False) and sched.cfg_scale == 0 and not cfg.logit_shift)
+
+
+def masked_head_widths(Wh: int) -> tuple:
+    """The static row counts of the masked-rows head over a span of Wh rows (one compiled head per count; a forward
+    takes the smallest that holds every row's masked count)."""
+    return tuple(sorted({max(1, -(-Wh // d)) for d in (8, 4, 2, 1)}))
+
+
+def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, rows):
+    """x0, conf [B, Wh] from hidden states h [B, Wh, D] of rows with tokens `rows` [B, Wh]: the head runs on the K
+    first rows of each batch row with the masked rows first (K = the smallest of `masked_head_widths` that holds the
+    largest masked count); a row not computed keeps its token with confidence -inf. Rows computed beyond the masked
+    ones (a row with fewer masks) get their real statistics: nothing reads them."""
+    B, Wh = rows.shape
+    masked = rows == ctx.mask_id
+    order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked rows first, in position order
+    widths = masked_head_widths(Wh)
+    need = jnp.max(jnp.sum(masked, axis=1))
+    b = jnp.arange(B)[:, None]
+
+    def branch(K):
+        def run():
+            idx = order[:, :K]
+            logits = transformer.head_rows(params, cfg, jnp.take_along_axis(h, idx[..., None], axis=1))
+            x0k, confk = token_stats(sched.sampler, logits)
+            return rows.at[b, idx].set(x0k), jnp.full((B, Wh), -jnp.inf, jnp.float32).at[b, idx].set(confk)
+        return run
+
+    if len(widths) == 1:
+        return branch(widths[0])()
+    return jax.lax.switch(jnp.sum(jnp.asarray(widths, jnp.int32) < need), [branch(K) for K in widths])
 
 
 def head_width(sched: Schedule, cfg: ModelConfig, ctx: Ctx, T: int) -> int:
@@ -162,15 +205,20 @@ def _process_logits(sched: Schedule, ctx: Ctx, pst, logits, x_rows, w0, wst):
 
 
 def _row_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, pst, logits, rows, w0, a, Wh, slice_start, keys,
-               step):
+               step, params=None):
     """Token statistics of a forward over `rows` [B, T] (canvas position w0 + j for row j) whose logits cover all
     T rows (a None) or only rows [a, a + Wh) (head rows): (x0, conf [B, T], aux, logit state); rows without logits
-    keep their token with confidence -inf (no proposal)."""
+    keep their token with confidence -inf (no proposal). With `head_masked`, `logits` are the rows' hidden states
+    and the head runs here on the masked ones (`params` needed)."""
     if a is not None:
         rows_all, rows, w0 = rows, row_slice(rows, a, Wh), w0 + a
-    logits, pst = _process_logits(sched, ctx, pst, logits, rows, w0, wst)
-    x0, conf = token_stats(sched.sampler, logits, keys, step)
-    aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
+    if head_masked(sched, cfg):
+        x0, conf = _masked_head_stats(params, cfg, sched, ctx, logits, rows)
+        aux = {}
+    else:
+        logits, pst = _process_logits(sched, ctx, pst, logits, rows, w0, wst)
+        x0, conf = token_stats(sched.sampler, logits, keys, step)
+        aux = _aux_stats(sched, cfg, ctx, wst, logits, w0, slice_start)
     if a is not None:
         x0 = row_update(rows_all, x0, a)
         conf = row_update(jnp.full(rows_all.shape, -jnp.inf, jnp.float32), conf, a)
@@ -180,6 +228,7 @@ def _row_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, pst, logits, ro
 def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid, positions, keys, step,
                 wst=None, pst=None, key_end=None, span=None):
     a, Wh = _span_rows(cfg, span, jnp.zeros((ctx.batch,), jnp.int32), ctx.total_len)
+    hid = head_masked(sched, cfg)
     if sched.cfg_scale > 0:
         # ML-GSAI classifier-free guidance: the unconditional input masks every prompt token; one batch of 2B.
         is_prompt = key_valid & (iota_BxL(ctx) < ctx.prompt_len)
@@ -193,9 +242,9 @@ def _full_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_vali
         kv = jax.tree.map(lambda a: a[:, : ctx.batch], kv)
     else:
         logits, kv = transformer.forward(params, cfg, x, positions, key_valid, prefix_len=ctx.prompt_len,
-                                         key_end=key_end, head_start=a, head_width=Wh)
+                                         key_end=key_end, head_start=a, head_width=Wh, head_hidden=hid)
     zeros = jnp.zeros((ctx.batch,), jnp.int32)
-    x0, conf, aux, pst = _row_stats(sched, cfg, ctx, wst, pst, logits, x, zeros, a, Wh, zeros, keys, step)
+    x0, conf, aux, pst = _row_stats(sched, cfg, ctx, wst, pst, logits, x, zeros, a, Wh, zeros, keys, step, params)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:
@@ -212,9 +261,10 @@ def _window_stats(params, cfg, sched: Schedule, ctx: Ctx, x, key_valid, position
     tokens = row_slice(x, w0, W)
     a, Wh = _span_rows(cfg, span, w0, W)  # head rows relative to the window (a prefix-cache window is wider)
     logits, cache = transformer.forward_window(params, cfg, tokens, w0, write, cache, positions, key_valid,
-                                               prefix_len=ctx.prompt_len, key_end=key_end, head_start=a, head_width=Wh)
+                                               prefix_len=ctx.prompt_len, key_end=key_end, head_start=a, head_width=Wh,
+                                               head_hidden=head_masked(sched, cfg))
     x0w, confw, aux, pst = _row_stats(sched, cfg, ctx, wst, pst, logits, tokens, w0, a, Wh, slice_start, keys,
-                                      step)
+                                      step, params)
     if pst is not None:
         aux["_logit_state"] = pst
     if cfg.logit_shift:

@@ -21,6 +21,9 @@ class Window:
     # True when resolve() and the candidates read x0/conf only in [s, s + max_width) of the window state a forward
     # serves: the loop then computes the LM head only there (loop.head_span). Declare it only where it holds.
     reads_within_max_width = False
+    # True when resolve() reads x0/conf only at masked positions: the loop may then compute the LM head only on the
+    # masked rows (loop.head_masked).
+    resolve_reads_masked_only = False
 
     def max_width(self, ctx: Ctx) -> int:
         raise NotImplementedError
@@ -58,6 +61,7 @@ class FixedBlocks(Window):
 
     block_length: int | None = None
     reads_within_max_width = True  # every read of x0/conf is in [s, s + max_width) (loop.head_span)
+    resolve_reads_masked_only = True  # resolve reads nothing
 
     def _bl(self, ctx):
         return ctx.gen_length if self.block_length is None else self.block_length

@@ -420,7 +420,7 @@ def _body(params, cfg, x, attend_fn, caches=None, collect=False):
 
 
 def _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, collect, key_end=None,
-                  head_start=None, head_width=None):
+                  head_start=None, head_width=None, head_hidden=False):
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -434,18 +434,18 @@ def _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpr
                         k_roped=True), k, v)
 
     x, kv, routing = _body(params, cfg, _embed(params, tokens_BxT), attend, collect=collect)
-    return head_rows(params, cfg, x, head_start, head_width), kv, routing
+    return head_rows(params, cfg, x, head_start, head_width, head_hidden), kv, routing
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width", "head_hidden"))
 def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
-            prefix_len=None, key_end=None, head_start=None, head_width=None):
+            prefix_len=None, key_end=None, head_start=None, head_width=None, head_hidden=False):
     """Full forward. Returns (logits [B, T, V] float32, kv cache). prefix_len is accepted for the engine's
     signature and unused: LLaDA2's blocks start at canvas index 0 (the prompt is split into blocks). key_end
     ([B, T], optional): per-query visible keys [0, key_end), see `_attend`. head_start/head_width: as in
-    transformer.forward (logits of those rows only)."""
+    transformer.forward (logits of those rows only; head_hidden: their hidden states)."""
     logits, kv, _ = _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, False, key_end,
-                                  head_start, head_width)
+                                  head_start, head_width, head_hidden)
     return logits, kv
 
 
@@ -456,9 +456,10 @@ def forward_with_routing(params, cfg: ModelConfig, tokens_BxT, positions_BxT=Non
     return _forward_impl(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret, True)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width", "head_hidden"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None):
+                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None,
+                   head_hidden=False):
     """Cached forward of W queries at per-row offsets (the contract of transformer.forward_window)."""
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
@@ -474,7 +475,7 @@ def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cac
         return o, ck, cv
 
     x, kv, _ = _body(params, cfg, _embed(params, tokens_BxW), attend, caches=cache)
-    return head_rows(params, cfg, x, head_start, head_width), kv
+    return head_rows(params, cfg, x, head_start, head_width, head_hidden), kv
 
 
 # ------------------------------------------------------------------------------------------------------- params

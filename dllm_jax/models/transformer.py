@@ -116,11 +116,13 @@ def _head(params, cfg, x):
     return jnp.einsum("btd,dv->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def head_rows(params, cfg, x, head_start=None, head_width=None):
-    """LM head over all rows of x [B, T, D], or only rows [head_start, head_start + head_width) of each row."""
-    if head_start is None or head_width is None or head_width >= x.shape[1]:
-        return _head(params, cfg, x)
-    return _head(params, cfg, _row_slice(x, head_start, head_width))
+def head_rows(params, cfg, x, head_start=None, head_width=None, hidden=False):
+    """LM head over all rows of x [B, T, D], or only rows [head_start, head_start + head_width) of each row.
+    hidden=True: those rows' final hidden states (before the final norm) instead of logits; the caller applies the
+    head (`head_rows(params, cfg, h)`) to the rows it picks (the engine's masked-rows head, engine/loop.py)."""
+    if not (head_start is None or head_width is None or head_width >= x.shape[1]):
+        x = _row_slice(x, head_start, head_width)
+    return x if hidden else _head(params, cfg, x)
 
 
 def _embed(params, tokens):
@@ -140,20 +142,21 @@ def _query_blocks(cfg: ModelConfig, q_index_BxT, prefix_len):
     return jnp.maximum(q_index_BxT, jnp.asarray(prefix_len, jnp.int32) - 1)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width", "head_hidden"))
 def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_BxT=None, interpret=False,
-            prefix_len=None, key_end=None, head_start=None, head_width=None):
+            prefix_len=None, key_end=None, head_start=None, head_width=None, head_hidden=False):
     """Full forward over the whole buffer. Returns (logits [B,T,V] float32, kv cache pytree).
 
     prefix_len: the prompt length, used only by block-causal models whose prompt is one block
     (`cfg.block_causal_prompt`); without it such a model splits the prompt into blocks.
     key_end: optional [B, T] int: query t sees only keys [0, key_end[b, t]) (replaces cfg.block_causal; block-diffusion
     policies pass the mask each official forward uses, dllm_jax/engine/block_diffusion.py).
-    head_start [B] / head_width (static): logits only for rows [head_start, head_start + head_width) ([B, W, V])."""
+    head_start [B] / head_width (static): logits only for rows [head_start, head_start + head_width) ([B, W, V]);
+    head_hidden (static): those rows' hidden states [B, W, D] instead (see `head_rows`)."""
     if cfg.family in _BODIES:
         return _BODIES[cfg.family].forward(params, cfg, tokens_BxT, positions_BxT, key_valid_BxT, interpret=interpret,
                                            prefix_len=prefix_len, **_key_end_kw(key_end),
-                                           **_head_kw(head_start, head_width))
+                                           **_head_kw(head_start, head_width, head_hidden))
     B, T = tokens_BxT.shape
     if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -173,15 +176,16 @@ def forward(params, cfg: ModelConfig, tokens_BxT, positions_BxT=None, key_valid_
         return x, (k, v)
 
     x, (k, v) = jax.lax.scan(layer, x, params["layers"])
-    return head_rows(params, cfg, x, head_start, head_width), {"k": k, "v": v}
+    return head_rows(params, cfg, x, head_start, head_width, head_hidden), {"k": k, "v": v}
 
 
 def _key_end_kw(key_end):
     return {} if key_end is None else {"key_end": key_end}
 
 
-def _head_kw(head_start, head_width):
-    return {} if head_start is None else {"head_start": head_start, "head_width": head_width}
+def _head_kw(head_start, head_width, head_hidden=False):
+    kw = {} if head_start is None else {"head_start": head_start, "head_width": head_width}
+    return {**kw, "head_hidden": True} if head_hidden else kw
 
 
 def _row_slice(a_BxS, start_B, size):
@@ -192,21 +196,23 @@ def _row_update(a_BxS, upd_BxW, start_B):
     return jax.vmap(lambda a, u, s: jax.lax.dynamic_update_slice_in_dim(a, u, s, axis=0))(a_BxS, upd_BxW, start_B)
 
 
-@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width"))
+@partial(jax.jit, static_argnames=("cfg", "interpret", "head_width", "head_hidden"))
 def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cache, positions_BxS, key_valid_BxS,
-                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None):
+                   interpret=False, prefix_len=None, key_end=None, head_start=None, head_width=None,
+                   head_hidden=False):
     """Cached forward of a window of W queries at per-row offsets `start_B` into the S-long KV buffer.
 
     For each layer the window's freshly computed K/V overwrite the cache where `write_BxW` is true (dual-cache
     `replace_position`; prefix-cache = write the whole suffix); the queries then attend over the full updated
     buffer (masked by `key_valid_BxS`). The caller guarantees start + W <= S. prefix_len, key_end ([B, W]): as in
-    `forward`; head_start ([B], relative to the window) / head_width: as in `forward`.
+    `forward`; head_start ([B], relative to the window) / head_width / head_hidden: as in `forward`.
     Returns (logits [B,W,V] float32, updated cache).
     """
     if cfg.family in _BODIES:
         return _BODIES[cfg.family].forward_window(params, cfg, tokens_BxW, start_B, write_BxW, cache, positions_BxS,
                                                   key_valid_BxS, interpret=interpret, prefix_len=prefix_len,
-                                                  **_key_end_kw(key_end), **_head_kw(head_start, head_width))
+                                                  **_key_end_kw(key_end),
+                                                  **_head_kw(head_start, head_width, head_hidden))
     B, W = tokens_BxW.shape
     q_pos = _row_slice(positions_BxS, start_B, W)
     q_index = _query_blocks(cfg, start_B[:, None] + jnp.arange(W, dtype=jnp.int32)[None], prefix_len)
@@ -229,7 +235,7 @@ def forward_window(params, cfg: ModelConfig, tokens_BxW, start_B, write_BxW, cac
         return x, (ck, cv)
 
     x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
-    return head_rows(params, cfg, x, head_start, head_width), {"k": k, "v": v}
+    return head_rows(params, cfg, x, head_start, head_width, head_hidden), {"k": k, "v": v}
 
 
 def shift_logits(logits_BxTxV):

@@ -143,7 +143,8 @@ def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, r
 
 
 def head_width(sched: Schedule, cfg: ModelConfig, ctx: Ctx, T: int) -> int:
-    """How many rows the LM head computes in a forward of T rows (the bench's cost model)."""
+    """How many rows the LM head computes in a forward of T rows (the bench's cost model). With the masked-rows head
+    (`head_masked`) this is an upper bound: the rows computed follow the data (at most this many)."""
     if not _span_applies(sched):
         return T
     return min(T, sched.window.max_width(ctx) + (1 if cfg.logit_shift else 0))

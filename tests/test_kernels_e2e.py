@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from dllm_jax.conformance import run_cases
 
 
 _CHILD = """

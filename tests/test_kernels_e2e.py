@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-
-
 _CHILD = """
 import json, sys
 import dllm_jax

@@ -120,3 +120,9 @@ def test_masked_head_stats_equal_the_window_head_at_masked_rows(llada_model):
         K = min(w for w in masked_head_widths(Wh) if w >= max(counts))  # the smallest width holding every row
         assert (computed.sum(1) == K).all(), (counts, computed.sum(1))
         np.testing.assert_array_equal(x0[~computed], rows[~computed])
+
+
+def test_unknown_head_rows_is_a_clear_error(llada_model):
+    sched = make_schedule("fastdllm", GEN, llada_model.cfg, block_length=8).replace(head_rows="rows")
+    with pytest.raises(ValueError, match="head_rows='rows': expected one of"):
+        G.generate(llada_model, PROMPTS, gen_length=GEN, schedule=sched)

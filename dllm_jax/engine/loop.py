@@ -29,6 +29,9 @@ from dllm_jax.models import transformer
 from dllm_jax.models.config import ModelConfig
 
 
+HEAD_ROWS = ("masked", "window", "all")  # Schedule.head_rows
+
+
 @dataclasses.dataclass(frozen=True)
 class Schedule:
     """A complete decoding schedule: window x acceptance x cache, plus token sampling options."""
@@ -321,6 +324,8 @@ def make_loop(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, x, key_valid,
             not row_steps and (sched.sampler.temperature > 0 or sched.sampler.confidence == "random"))):
         raise ValueError(f"refresh_rows={sched.refresh_rows}: needs an int >= 1, and with random draws per-row steps "
                          "(continuous batching), since a row that waits for a refresh would draw at another step")
+    if sched.head_rows not in HEAD_ROWS:
+        raise ValueError(f"head_rows={sched.head_rows!r}: expected one of {HEAD_ROWS}")
     if widths[-1] != W:
         raise ValueError(f"{type(cpol).__name__}.widths {widths} must end with its width {W}")
 

@@ -12,6 +12,7 @@ import numpy as np
 from dllm_jax.engine.context import Ctx
 from dllm_jax.engine.loop import Schedule, run
 from dllm_jax.model import Model
+from dllm_jax.programs import ProgramCache
 
 
 class ScheduleError(ValueError):
@@ -32,7 +33,7 @@ class GenerateOutput:
     trace: dict | None = None
 
 
-_COMPILED: dict = {}
+_COMPILED = ProgramCache("generate")
 _STATS = {"compilations": 0}
 
 
@@ -220,7 +221,7 @@ def generate(model: Model, prompt_ids, *, gen_length: int, schedule: Schedule, a
             lowered = _generate_jit_sharded(in_sh, out_sh, kv_sharding=kv_sh, **static).lower(
                 params, x, valid, positions, keys, dyn)
         compiled = lowered.compile()
-        _COMPILED[key] = compiled
+        _COMPILED.put(key, compiled)
         _STATS["compilations"] += 1
     t1 = time.perf_counter()
     out = compiled(params, x, valid, positions, keys, dyn)

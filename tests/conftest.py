@@ -54,10 +54,17 @@ def dream_model():
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-    """Drop JAX's compiled executables after each test module. One pytest process compiles several hundred XLA:CPU
-    programs; keeping them all alive is not needed (each module compiles its own), and XLA:CPU's compiler crashed
-    (segfault) twice late in long single-process runs on this 2-core machine."""
+    """Drop every compiled program (dllm-jax's program caches and JAX's own) after each test module. One pytest worker
+    compiles several hundred XLA:CPU programs, each mapping dozens to hundreds of memory regions; kept alive, they
+    reached Linux's 65,530 maps per process and XLA's compiler aborted the worker (CI, stop 22). Each module compiles
+    its own programs anyway."""
     yield
+    import gc
+
     import jax
 
+    from dllm_jax.programs import clear_program_caches
+
+    clear_program_caches()
     jax.clear_caches()
+    gc.collect()

@@ -48,6 +48,33 @@ def test_same_bucket_does_not_recompile(llada_model):
     assert G.compile_count() == before + 1
 
 
+def test_compiled_programs_are_bounded(llada_model, monkeypatch):
+    """The process keeps at most $DLLM_JAX_MAX_PROGRAMS compiled generation programs (least recently used evicted;
+    XLA:CPU programs map memory regions, and a process may hold only 65,530); an evicted one recompiles, same tokens."""
+    from dllm_jax.programs import ProgramCache, clear_program_caches
+
+    clear_program_caches()
+    monkeypatch.setenv("DLLM_JAX_MAX_PROGRAMS", "2")
+    scheds = [make_schedule("fastdllm", g, llada_model.cfg, block_length=8, threshold=0.9) for g in (8, 16, 24)]
+    outs = [G.generate(llada_model, [PROMPT], gen_length=s.gen_length, schedule=s) for s in scheds]
+    assert len(G._COMPILED) == 2 and G._COMPILED.evictions >= 1
+    before = G.compile_count()
+    G.generate(llada_model, [PROMPT], gen_length=24, schedule=scheds[2])  # most recent: kept
+    assert G.compile_count() == before
+    again = G.generate(llada_model, [PROMPT], gen_length=8, schedule=scheds[0])  # evicted: compiled again
+    assert G.compile_count() == before + 1 and len(G._COMPILED) == 2
+    np.testing.assert_array_equal(again.sequences, outs[0].sequences)
+    c = ProgramCache("t", maxsize=2)
+    for k in "abc":
+        c.put(k, k)
+    assert c.get("a") is None and c.get("b") == "b" and len(c) == 2
+    c.put("d", "d")  # "b" was used last, so "c" goes
+    assert "c" not in c and "b" in c
+    monkeypatch.setenv("DLLM_JAX_MAX_PROGRAMS", "0")
+    with pytest.raises(ValueError, match="DLLM_JAX_MAX_PROGRAMS must be a positive integer"):
+        ProgramCache("u").put("a", "a")
+
+
 @pytest.mark.parametrize("preset,kw", [
     ("llada", dict(steps=16, block_length=8)),
     ("fastdllm", dict(block_length=8, threshold=0.8)),

@@ -19,8 +19,9 @@ import numpy as np
 
 from dllm_jax.engine.block_diffusion import BlockWindow
 from dllm_jax.engine.context import Ctx
+from dllm_jax.programs import ProgramCache
 
-_COMPILED: dict = {}
+_COMPILED = ProgramCache("block_runner")
 
 
 class BlockRunError(ValueError):
@@ -154,7 +155,7 @@ def generate_blocks(model, prompt_ids, *, schedule, layout: str = "left", seed=0
             c = jax.lax.while_loop(cond, body, carry)
             return {"x": c["x"], "nfe": c["nfe"], "steps": c["it"], "unfinished": c["active"], "w": c["w"]}
         compiled = jax.jit(fn).lower(params, xs, vs, ps, keys, dyn).compile()
-        _COMPILED[key] = compiled
+        _COMPILED.put(key, compiled)
     t1 = time.perf_counter()
     out = jax.tree.map(np.asarray, jax.block_until_ready(compiled(params, xs, vs, ps, keys, dyn)))
     t2 = time.perf_counter()

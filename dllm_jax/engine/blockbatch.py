@@ -34,6 +34,7 @@ from dllm_jax.engine.acceptance import Accept
 from dllm_jax.engine.caches import Cache
 from dllm_jax.engine.context import first_true, in_range, iota_BxL
 from dllm_jax.engine.windows import Window
+from dllm_jax.programs import ProgramCache
 
 _NEG = -jnp.inf
 
@@ -584,7 +585,7 @@ class BranchOutput:
     run_time_s: float = 0.0
 
 
-_JIT = {}
+_JIT = ProgramCache("blockbatch")
 
 
 def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: bool = False, seed: int = 0):
@@ -610,7 +611,7 @@ def generate_branches(model, prompt_ids, *, gen_length: int, schedule, bucket: b
             return {"x": c["x"], "nfe": c["nfe"], "w": c["w"], "unfinished": c["active"]}
 
         fn = jax.jit(run).lower(model.params, x, valid, pos, keys).compile()
-        _JIT[key] = fn
+        _JIT.put(key, fn)
     t1 = time.perf_counter()
     out = jax.tree.map(np.asarray, jax.block_until_ready(fn(model.params, x, valid, pos, keys)))
     t2 = time.perf_counter()

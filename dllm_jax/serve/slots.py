@@ -25,6 +25,7 @@ import numpy as np
 from dllm_jax.engine.context import Ctx
 from dllm_jax.engine.loop import Schedule, _batch_axis, init_slots, run_chunk
 from dllm_jax.generate import ScheduleError, _dyn_arrays, bucket_length, validate
+from dllm_jax.programs import ProgramCache
 
 _STATIC = ("cfg", "sched", "ctx", "kv_sharding")  # ctx.batch: the physical batch of one chunk
 
@@ -53,7 +54,7 @@ def _chunk_impl(params, state, idx, x, key_valid, positions, seeds, reset, occup
 
 _chunk_jit = jax.jit(_chunk_impl, static_argnames=_STATIC, donate_argnames=("state",))
 
-_PROGRAMS: dict = {}
+_PROGRAMS = ProgramCache("serve_slots")
 _LOCK = threading.Lock()
 STATS = {"compilations": 0, "compile_s": 0.0}
 
@@ -171,7 +172,7 @@ class SlotGroup:
                 if compiled is None:
                     t1 = time.perf_counter()
                     compiled = _chunk_jit.lower(*self._args(np.arange(b)), **self._static(b)).compile()
-                    _PROGRAMS[key] = compiled
+                    _PROGRAMS.put(key, compiled)
                     STATS["compilations"] += 1
                     STATS["compile_s"] += time.perf_counter() - t1
             self.programs[b] = compiled

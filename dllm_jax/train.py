@@ -99,6 +99,10 @@ PRESETS = {
     # match (sort reached 46 % with 25 % of the data)
     "cont2": TrainConfig(name="cont2", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
                          seed=1, task_weights=(("arith", 0.45), ("code", 0.45), ("sort", 0.10))),
+    # third continuation (session 5): from run 6; arithmetic was stuck at ~1 % exact with multiplication facts right
+    # and every addition/subtraction result wrong, so half the arithmetic data is the equation drill (tasks/drill.py)
+    "cont3": TrainConfig(name="cont3", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
+                         seed=2, task_weights=(("arith", 0.30), ("drill", 0.35), ("code", 0.25), ("sort", 0.10))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

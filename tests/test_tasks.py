@@ -107,3 +107,26 @@ def test_char_accuracy_partial_credit():
     assert tasks.char_accuracy(e.target[:-1] + "x", e) == (n - 1) / n
     assert tasks.char_accuracy(e.target + "12", e) == n / (n + 2)  # too long loses the excess
     assert tasks.char_accuracy("", e) == 0.0
+
+
+def test_drill_is_training_only_and_correct():
+    assert "drill" not in tasks.list_tasks() and tasks.get_task("drill").name == "drill"
+    tok = CharTokenizer()
+    t = tasks.get_task("drill")
+    exs = tasks.generate("drill", "train", 2000, seed=0)
+    assert exs == tasks.generate("drill", "train", 2000, seed=0)
+    ops = set()
+    for ex in exs:
+        lines = ex.target.split("\n")
+        assert 4 <= len(lines) <= 6 and len(ex.prompt) <= t.max_prompt_chars and len(ex.target) <= t.max_target_chars
+        for ln in lines:
+            lhs, rhs = ln.split("=")
+            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= 199  # noqa: S307 - our own digits and + - *
+            assert lhs in ex.prompt
+            ops.add(next(c for c in "+-*" if c in lhs))
+        assert tasks.score("drill", ex.target, ex) and ex.answer == lines[-1].split("=")[1]
+        assert not tasks.score("drill", ex.target[: ex.target.rfind("=") + 1] + "x", ex)
+        assert len(tok.encode_prompt(ex.prompt)) + len(tok.encode(ex.target)) + 1 <= PRESETS["cont3"].seq_len
+    assert ops == {"+", "-", "*"}
+    # the preset that uses it draws it, and evaluation tasks stay the three of list_tasks()
+    assert dict(PRESETS["cont3"].task_weights)["drill"] > 0

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from dllm_jax.tasks import arith, code, sort
+from dllm_jax.tasks import arith, code, drill, sort
 
 SPLITS = ("train", "heldout")
 HELDOUT_MOD = 10  # one problem key in HELDOUT_MOD goes to the held-out split
@@ -44,10 +44,13 @@ class Task:
     max_target_chars: int
 
 
-TASKS: dict[str, Task] = {
-    m.NAME: Task(m.NAME, m.DESCRIPTION, m.make, m.extract, m.MAX_PROMPT_CHARS, m.MAX_TARGET_CHARS)
-    for m in (arith, code, sort)
-}
+def _task(m) -> Task:
+    return Task(m.NAME, m.DESCRIPTION, m.make, m.extract, m.MAX_PROMPT_CHARS, m.MAX_TARGET_CHARS)
+
+
+TASKS: dict[str, Task] = {m.NAME: _task(m) for m in (arith, code, sort)}  # the evaluation testbed
+# training-only tasks: may appear in a training mixture's task weights, never in `list_tasks()` / evaluation
+TRAIN_ONLY: dict[str, Task] = {m.NAME: _task(m) for m in (drill,)}
 
 
 def list_tasks() -> list[str]:
@@ -56,9 +59,12 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; expected one of {list_tasks()}")
-    return TASKS[name]
+    if name in TASKS:
+        return TASKS[name]
+    if name in TRAIN_ONLY:
+        return TRAIN_ONLY[name]
+    raise ValueError(f"unknown task {name!r}; expected one of {list_tasks()} (or, for training only, "
+                     f"{list(TRAIN_ONLY)})")
 
 
 def split_of(key: str) -> str:
@@ -79,7 +85,9 @@ def sample(task: str, rng: np.random.Generator, split: str = "train") -> Example
 
 def generate(task: str, split: str = "train", n: int = 100, seed: int = 0) -> list[Example]:
     """`n` examples of `task` from `split`, deterministic given `seed`."""
-    rng = np.random.default_rng([seed, list_tasks().index(task), SPLITS.index(split)])
+    get_task(task)
+    order = list_tasks() + list(TRAIN_ONLY)
+    rng = np.random.default_rng([seed, order.index(task), SPLITS.index(split)])
     return [sample(task, rng, split) for _ in range(n)]
 
 

@@ -322,8 +322,9 @@ def _plot(results, path):
                 ax.plot(xs, [y * 100 for y in ys], marker=markers[k % len(markers)], color=cmap(k % 20), lw=1.2,
                         ms=5, label=fam)
                 if metric == "accuracy" and panel != "mean" and all("accuracy_ci95" in r["tasks"][panel] for r in rs):
-                    cis = sorted((r["tasks"][panel]["mean_nfe"], r["tasks"][panel]["accuracy"],
-                                  r["tasks"][panel]["accuracy_ci95"]) for r in rs)  # 95 % Wilson bars
+                    cis = sorted(((r["tasks"][panel]["mean_nfe"], r["tasks"][panel]["accuracy"],
+                                   tuple(r["tasks"][panel]["accuracy_ci95"])) for r in rs),
+                                 key=lambda c: c[:2])  # 95 % Wilson bars (a list when read back from JSON)
                     ax.errorbar([c[0] for c in cis], [c[1] * 100 for c in cis],
                                 yerr=[[(c[1] - c[2][0]) * 100 for c in cis], [(c[2][1] - c[1]) * 100 for c in cis]],
                                 fmt="none", ecolor=cmap(k % 20), elinewidth=0.8, capsize=2, alpha=0.7)
@@ -371,6 +372,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--json", default=None, help="write the metrics to this JSON file")
     ap.add_argument("--out", default=None, help="write OUT.json, OUT.md and (sweep) OUT.png")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --out: keep the schedules OUT.json already holds from the same model, tasks, n, batch "
+                         "and EOS setting (OUT.json is rewritten after every schedule) and run only the others")
     a = ap.parse_args(argv)
     import jax
 
@@ -411,8 +415,27 @@ def main(argv=None) -> int:
             return 2
         runs = [(a.schedule, a.schedule, model_defaults(a.schedule, model.cfg, kw))]
     machine = f"{platform.machine()} {os.cpu_count()} cores ({jax.devices()[0].platform}: {jax.devices()[0].device_kind})"
+    meta = {"machine": machine, "jax": jax.__version__, "n": a.n, "batch_size": a.batch_size,
+            "eos_stop": not a.no_eos_stop, "chat": a.chat, "model": os.path.abspath(path),
+            "tasks": task_names or tasks_mod.list_tasks(),
+            "counting": "tokens = generated tokens up to (excluding) the first EOS; tokens_per_s = tokens / run_s "
+                        "(compile excluded); tpf = tokens / forwards; nfe_mean = forwards per example"}
     results = []
+    if a.resume:
+        if not a.out:
+            print("error: --resume needs --out (the OUT.json to continue)", file=sys.stderr)
+            return 2
+        try:
+            results = _resumable(a.out + ".json", meta, [r[0] for r in runs])
+        except ValueError as e:
+            print(f"error: --resume: {e}", file=sys.stderr)
+            return 2
+        for r in results:
+            print(summary_line(r["label"], r) + "  [kept from " + a.out + ".json]", flush=True)
+    done = {r["label"] for r in results}
     for label, preset, kw in runs:
+        if label in done:
+            continue
         try:
             r = evaluate_schedule(model, preset, kw, task_names, a.n, a.batch_size, eos_stop=not a.no_eos_stop,
                                   codec=codec, progress=not a.no_progress)
@@ -425,22 +448,46 @@ def main(argv=None) -> int:
         r["label"], r["machine"] = label, machine
         results.append(r)
         print(summary_line(label, r), flush=True)
-    meta = {"machine": machine, "jax": jax.__version__, "n": a.n, "batch_size": a.batch_size,
-            "eos_stop": not a.no_eos_stop, "chat": a.chat, "model": os.path.abspath(path),
-            "counting": "tokens = generated tokens up to (excluding) the first EOS; tokens_per_s = tokens / run_s "
-                        "(compile excluded); tpf = tokens / forwards; nfe_mean = forwards per example"}
+        if a.out:  # a long sweep keeps what it measured: --resume continues from here
+            _atomic_write(a.out + ".json", json.dumps({"meta": {**meta, "complete": False}, "results": results},
+                                                      indent=1))
+    order = {r[0]: i for i, r in enumerate(runs)}
+    results.sort(key=lambda r: order.get(r["label"], len(order)))
     if a.json and results:
         payload = {**results[0], "meta": meta} if len(results) == 1 else {"meta": meta, "results": results}
         _atomic_write(a.json, json.dumps(payload, indent=1))
         print("wrote", a.json)
     if a.out and results:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-        _atomic_write(a.out + ".json", json.dumps({"meta": meta, "results": results}, indent=1))
+        _atomic_write(a.out + ".json", json.dumps({"meta": {**meta, "complete": True}, "results": results},
+                                                  indent=1))
         _atomic_write(a.out + ".md", _frontier_md(results, meta))
         if a.sweep:
             _plot(results, a.out + ".png")
         print("wrote", a.out + ".{json,md" + (",png}" if a.sweep else "}"))
     return 0
+
+
+_RESUME_KEYS = ("model", "tasks", "n", "batch_size", "eos_stop", "chat")
+
+
+def _resumable(path: str, meta: dict, labels: list) -> list:
+    """The results of an earlier (possibly interrupted) run in `path` that this run may keep: same model, tasks,
+    n, batch size, EOS and chat setting; only schedules this run would measure. [] when `path` does not exist."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        old_meta, old_results = old["meta"], old["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a frontier result file ({e})") from None
+    diff = [k for k in _RESUME_KEYS if old_meta.get(k) != meta[k]]
+    if diff:
+        raise ValueError(f"{path} was measured with other settings ("
+                         + ", ".join(f"{k} {old_meta.get(k)!r}, now {meta[k]!r}" for k in diff)
+                         + "); use another --out or drop --resume")
+    return [r for r in old_results if r.get("label") in set(labels)]
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -141,3 +141,38 @@ def test_sweep_osdt_calibrates_per_task(tiny_char_model):
     r = evaluate.evaluate_schedule(model, "osdt", dict(calibrate_on_train=True), ["sort"], n=2, batch_size=2)
     assert r["tasks"]["sort"]["n"] == 2 and r["nfe_mean"] > 0
     assert any(p == "osdt" for _, p, _ in evaluate.sweep_runs())
+
+
+def test_sweep_saves_each_schedule_and_resumes(tiny_char_model, tmp_path, monkeypatch, capsys):
+    """A sweep rewrites OUT.json after every schedule; --resume keeps the schedules measured with the same settings
+    and runs only the rest (an interrupted multi-hour sweep continues); other settings are refused."""
+    monkeypatch.setattr(evaluate, "SWEEP", [("fast a", "fastdllm", dict(block_length=32, threshold=0.9)),
+                                            ("fast b", "fastdllm", dict(block_length=32, threshold=0.5))])
+    monkeypatch.setattr(evaluate, "SWEEP_OPTIONAL", [])
+    out = str(tmp_path / "fr")
+    argv = ["--model", tiny_char_model, "--sweep", "--tasks", "sort", "--n", "2", "--batch-size", "2", "--out", out,
+            "--no-progress"]
+    assert evaluate.main(argv) == 0
+    full = json.loads((tmp_path / "fr.json").read_text())
+    assert [r["label"] for r in full["results"]] == ["fast a", "fast b"] and full["meta"]["complete"]
+    # interrupted after the first schedule
+    (tmp_path / "fr.json").write_text(json.dumps({"meta": {**full["meta"], "complete": False},
+                                                  "results": full["results"][1:]}))
+    calls = []
+    real = evaluate.evaluate_schedule
+    monkeypatch.setattr(evaluate, "evaluate_schedule", lambda m, preset, kw, *a, **k: calls.append(kw) or real(
+        m, preset, kw, *a, **k))
+    capsys.readouterr()
+    assert evaluate.main(argv + ["--resume"]) == 0
+    assert [kw["threshold"] for kw in calls] == [0.9]  # "fast b" kept, only "fast a" measured
+    assert "kept from" in capsys.readouterr().out
+    res = json.loads((tmp_path / "fr.json").read_text())
+    assert [r["label"] for r in res["results"]] == ["fast a", "fast b"] and res["meta"]["complete"]
+    assert res["results"][1] == full["results"][1]
+    assert "| fast a |" in (tmp_path / "fr.md").read_text()
+    calls.clear()
+    assert evaluate.main(argv + ["--resume"]) == 0 and calls == []  # everything measured: nothing runs
+    assert evaluate.main([*argv[:6], "3", *argv[7:], "--resume"]) == 2  # other n
+    assert "measured with other settings (n 2, now 3)" in capsys.readouterr().err
+    assert evaluate.main(argv[:-3] + ["--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err

@@ -299,6 +299,7 @@ def _plot(results, path):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return False
@@ -329,7 +330,10 @@ def _plot(results, path):
                                 yerr=[[(c[1] - c[2][0]) * 100 for c in cis], [(c[2][1] - c[1]) * 100 for c in cis]],
                                 fmt="none", ecolor=cmap(k % 20), elinewidth=0.8, capsize=2, alpha=0.7)
             ax.set_title(panel if panel != "mean" else "mean over tasks")
-            ax.set_xlabel("mean NFE per example")
+            ax.set_xscale("log")  # one token per step sits 10x right of the parallel schedules
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xlabel("mean NFE per example (log scale)")
             ax.grid(alpha=0.3)
         axes[row][0].set_ylabel(ylabel)
     handles, labels = axes[0][0].get_legend_handles_labels()

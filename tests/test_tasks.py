@@ -130,3 +130,30 @@ def test_drill_is_training_only_and_correct():
     assert ops == {"+", "-", "*"}
     # the preset that uses it draws it, and evaluation tasks stay the three of list_tasks()
     assert dict(PRESETS["cont3"].task_weights)["drill"] > 0
+
+
+def test_arith_probe_masks_the_right_span():
+    """benchmarks/arith_probe.py: the span is the first +/- result's digits; on the random tiny model the probe runs
+    and reports fractions (the shipped model's figures are in docs/default_model.md)."""
+    import os
+    import sys
+
+    import jax
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    import arith_probe
+
+    from dllm_jax import train
+    from dllm_jax.models.transformer import init_params
+
+    t = "3*4=12\n47+38=85\n85-9=76\n#### 76"
+    s, k = arith_probe.first_sum_span(t)
+    assert t[s:s + k] == "85" and t[s - 1] == "=" and t[s + k] == "\n"
+    assert arith_probe.first_sum_span("3*4=12\n#### 12") is None
+    for ex in tasks.generate("drill", "heldout", 20, 0) + tasks.generate("arith", "heldout", 20, 0):
+        s, k = arith_probe.first_sum_span(ex.target)
+        line = ex.target[:s + k].split("\n")[-1]
+        assert eval(line.split("=")[0]) == int(ex.target[s:s + k])  # noqa: S307 - our own digits
+    cfg = train.model_config(train.get_preset("tiny"))
+    r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "arith", 4, mask_rest=True)
+    assert r["n"] == 4 and 0.0 <= r["units_digit"] <= 1.0 and 0.0 <= r["result_exact"] <= r["units_digit"]

@@ -61,6 +61,10 @@ class TrainConfig:
     clip: float = 1.0
     eps: float = 1e-3
     random_end_frac: float = 0.5  # rows whose buffer ends at a random length after the answer
+    # rows masked as a suffix (everything from a cut point on, the masked share t as in the other rows) instead of
+    # token by token: nothing after a masked token is visible, so a worked chain's result cannot be copied from the
+    # next line and must be computed (benchmarks/arith_probe.py); 0 = plain LLaDA masking
+    suffix_frac: float = 0.0
     seed: int = 0
     task_weights: tuple = (("arith", 0.45), ("code", 0.25), ("sort", 0.30))
     # warm restarts: ((steps, peak lr / lr, warmup), ...) summing to `steps`; () = one warmup + cosine cycle
@@ -103,6 +107,11 @@ PRESETS = {
     # and every addition/subtraction result wrong, so half the arithmetic data is the equation drill (tasks/drill.py)
     "cont3": TrainConfig(name="cont3", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
                          seed=2, task_weights=(("arith", 0.30), ("drill", 0.35), ("code", 0.25), ("sort", 0.10))),
+    # fourth continuation (next): cont3 with half the rows suffix-masked (`suffix_frac`), so a result is never
+    # visible later in its own chain while it is masked (benchmarks/arith_probe.py: run 6 copies sums, never computes)
+    "cont4": TrainConfig(name="cont4", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
+                         seed=3, suffix_frac=0.5,
+                         task_weights=(("arith", 0.30), ("drill", 0.35), ("code", 0.25), ("sort", 0.10))),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -179,9 +188,11 @@ def train_forward(params, cfg: ModelConfig, tokens_BxT, key_valid_BxT):
     return tf._head(params, cfg, x)
 
 
-def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3):
-    """LLaDA SFT masked-diffusion loss. Returns (loss, metrics)."""
-    B, T = tokens.shape
+def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float = 0.0):
+    """The masked positions [B, T] and each row's masking ratio t [B] of one training step: response positions
+    (prompt_len <= pos < valid_len) masked independently with probability t (LLaDA), or, in a `suffix_frac` share of
+    the rows, every response position from a cut point on, the cut leaving round(t * response length) masked."""
+    B = prompt_len.shape[0]
     k_t, k_p, k_m = jax.random.split(key, 3)
     u = (jnp.arange(B, dtype=jnp.float32) + jax.random.uniform(k_t, (B,))) / B  # stratified U(0, 1)
     t = eps + (1.0 - eps) * jax.random.permutation(k_p, u)
@@ -189,6 +200,21 @@ def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key,
     valid = pos < valid_len[:, None]
     resp = (pos >= prompt_len[:, None]) & valid
     masked = (jax.random.uniform(k_m, (B, T)) < t[:, None]) & resp
+    if suffix_frac > 0:  # its own key: plain rows draw exactly what they drew without the option
+        resp_len = (valid_len - prompt_len).astype(jnp.float32)
+        cut = valid_len - jnp.maximum(jnp.round(t * resp_len), 1.0).astype(jnp.int32)
+        suffix = jax.random.uniform(jax.random.fold_in(key, 7), (B,)) < suffix_frac
+        masked = jnp.where(suffix[:, None], resp & (pos >= cut[:, None]), masked)
+    return masked, t
+
+
+def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3, suffix_frac=0.0):
+    """LLaDA SFT masked-diffusion loss (`noise_mask`). Returns (loss, metrics)."""
+    B, T = tokens.shape
+    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    valid = pos < valid_len[:, None]
+    resp = (pos >= prompt_len[:, None]) & valid
     noisy = jnp.where(masked, cfg.mask_token_id, tokens)
     logits = train_forward(params, cfg, noisy, valid)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -237,7 +263,7 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, tokens, prompt_len, valid_len, key):
         (_, metrics), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            params, cfg, tokens, prompt_len, valid_len, key, tc.eps)
+            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -250,7 +276,7 @@ def step_key(tc: TrainConfig, step: int):
     return jax.random.fold_in(jax.random.key(tc.seed + 1), step)
 
 
-_diffusion_loss_jit = jax.jit(diffusion_loss, static_argnames=("cfg", "eps"))
+_diffusion_loss_jit = jax.jit(diffusion_loss, static_argnames=("cfg", "eps", "suffix_frac"))
 
 
 def eval_loss(params, cfg: ModelConfig, tc: TrainConfig, n_batches: int = 2, step0: int = 10**6) -> float:

@@ -73,6 +73,36 @@ def test_loss_masks_response_only():
     assert float(m2["masked_acc"]) >= 0
 
 
+def test_suffix_masking():
+    """suffix_frac: those rows mask every response position from a cut on (round(t * length) of them), the other rows
+    draw exactly the token-by-token masks they drew without the option; the loss runs with it."""
+    B, T = 64, 40
+    pl = jnp.asarray(np.random.default_rng(0).integers(5, 15, B), jnp.int32)
+    vl = pl + jnp.asarray(np.random.default_rng(1).integers(3, 25, B), jnp.int32)
+    key = jax.random.key(3)
+    plain, t0 = train.noise_mask(key, T, pl, vl)
+    mixed, t1 = train.noise_mask(key, T, pl, vl, suffix_frac=0.5)
+    allsuf, _ = train.noise_mask(key, T, pl, vl, suffix_frac=1.0)
+    plain, mixed, allsuf, t0 = map(np.asarray, (plain, mixed, allsuf, t0))
+    np.testing.assert_array_equal(t0, np.asarray(t1))
+    pos = np.arange(T)[None]
+    resp = (pos >= np.asarray(pl)[:, None]) & (pos < np.asarray(vl)[:, None])
+    assert not (allsuf & ~resp).any()
+    for b in range(B):
+        m = allsuf[b, resp[b]]
+        n = int(m.sum())
+        assert n == max(round(float(t0[b]) * len(m)), 1) and m[len(m) - n:].all()  # one suffix, its share t
+    same = (mixed == plain).all(1)
+    suffix_rows = (mixed == allsuf).all(1)
+    assert (same | suffix_rows).all() and 10 < (~same).sum() < 54  # about half the rows are suffix rows
+    tc = train.PRESETS["tiny"]
+    cfg = train.model_config(tc)
+    params = transformer.init_params(cfg, jax.random.key(0))
+    tokens, p, v = train.make_batch(tc, 0, CharTokenizer())
+    loss, _ = train.diffusion_loss(params, cfg, tokens, p, v, key, suffix_frac=0.5)
+    assert np.isfinite(float(loss))
+
+
 def test_tiny_trains_and_loss_decreases(tiny_run):
     root, out, res = tiny_run
     tc = res["train_config"]

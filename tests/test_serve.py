@@ -261,8 +261,10 @@ def test_new_temperature_compiles_on_demand(server, ref):
 
 def test_client_disconnect_frees_the_slot(server):
     before = _metrics(server)['dllm_requests_total{outcome="cancelled"}']
-    body = {"model": MODEL, "prompt": "tell me a long story", "max_tokens": 32, "stream": True,
-            "settings": {"threshold": 1.0}}  # one token per forward: the request outlives the first chunks
+    # one token per forward and a prompt with a long answer (a sort: the default model's best task, not cut short by
+    # an early EOS; run 7 writes 20 tokens): the request outlives the first chunks
+    body = {"model": MODEL, "prompt": "Sort the digits: 90731826451", "max_tokens": 32,
+            "stream": True, "settings": {"threshold": 1.0}}
     for _ in range(3):
         with httpx.Client(timeout=30) as h, h.stream("POST", server["base"] + "/v1/completions", json=body) as r:
             assert r.status_code == 200

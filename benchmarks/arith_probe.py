@@ -75,7 +75,7 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
     fwd = jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
     full = units = total = 0
     for e in tasks.generate(task, "heldout", n, 0):
-        span = first_sum_span(e.target)
+        span = (0, len(e.target)) if task == "sums" else first_sum_span(e.target)  # sums: the whole response
         if span is None:
             continue
         s, k = span
@@ -100,14 +100,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", help="a training work dir's ckpt/ (latest step), with --preset")
     ap.add_argument("--preset", default="cont3", help="train preset of --ckpt (model shape and optimiser)")
     ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--tasks", default="arith,drill", help="comma-separated: arith, drill, drillpad, sums")
     a = ap.parse_args(argv)
     params, cfg, name = load_params(a)
     print(f"model: {name}; n = {a.n} held-out problems per task; first +/- result of each")
-    for task in ("arith", "drill"):
+    for task in a.tasks.split(","):
         for mask_rest, label in ((True, "result and everything after it masked"),
                                  (False, "only the result masked (copy route open)")):
+            if task == "sums" and not mask_rest:
+                continue  # one equation: nothing follows the result
             r = probe(params, cfg, task, a.n, mask_rest)
-            print(f"  {task:5s} {label:42s} exact {r['result_exact'] * 100:5.1f} %   units digit "
+            print(f"  {task:8s} {label:42s} exact {r['result_exact'] * 100:5.1f} %   units digit "
                   f"{r['units_digit'] * 100:5.1f} %   (n {r['n']})")
     return 0
 

@@ -65,6 +65,13 @@ class TrainConfig:
     # token by token: nothing after a masked token is visible, so a worked chain's result cannot be copied from the
     # next line and must be computed (benchmarks/arith_probe.py); 0 = plain LLaDA masking
     suffix_frac: float = 0.0
+    # dense auxiliary steps: every `aux_every`-th step (step % aux_every == aux_every - 1) trains on a batch of
+    # `aux_batch` short rows of `aux_task` in an `aux_seq`-token buffer instead of the task mixture (e.g. `sums`:
+    # hundreds of single equations per step, which the long mixture rows cannot hold); 0 = off
+    aux_task: str = ""
+    aux_every: int = 0
+    aux_batch: int = 256
+    aux_seq: int = 24
     seed: int = 0
     task_weights: tuple = (("arith", 0.45), ("code", 0.25), ("sort", 0.30))
     # warm restarts: ((steps, peak lr / lr, warmup), ...) summing to `steps`; () = one warmup + cosine cycle
@@ -112,6 +119,12 @@ PRESETS = {
     "cont4": TrainConfig(name="cont4", n_layers=6, steps=5000, lr=5e-4, warmup=200, ckpt_every=250, log_every=50,
                          seed=3, suffix_frac=0.5,
                          task_weights=(("arith", 0.30), ("drill", 0.35), ("code", 0.25), ("sort", 0.10))),
+    # fifth continuation (session 6): from run 7. Dense sums: every 2nd step is a batch of 256 single zero-padded
+    # equations (`047+038=` -> `085`, task `sums`; a from-scratch pilot learned them in ~900 such steps, while 1500
+    # steps of 5-equation drill rows stayed at chance), and `arith`'s chain is zero-padded the same way
+    "cont5": TrainConfig(name="cont5", n_layers=6, steps=4000, lr=1e-3, warmup=200, ckpt_every=250, log_every=50,
+                         seed=5, task_weights=(("arith", 0.45), ("code", 0.35), ("sort", 0.20)),
+                         aux_task="sums", aux_every=2, aux_batch=256, aux_seq=16),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -139,10 +152,13 @@ def model_config(tc: TrainConfig, tok: CharTokenizer | None = None) -> ModelConf
 def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "train"):
     """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy), deterministic."""
     rng = np.random.default_rng([tc.seed, step])
-    names = [n for n, _ in tc.task_weights]
-    w = np.asarray([x for _, x in tc.task_weights], np.float64)
-    choice = rng.choice(len(names), size=tc.batch_size, p=w / w.sum())
-    B, T = tc.batch_size, tc.seq_len
+    if is_aux_step(tc, step):
+        names, w, B, T, end_frac = [tc.aux_task], np.ones(1), tc.aux_batch, tc.aux_seq, 0.0
+    else:
+        names = [n for n, _ in tc.task_weights]
+        w = np.asarray([x for _, x in tc.task_weights], np.float64)
+        B, T, end_frac = tc.batch_size, tc.seq_len, tc.random_end_frac
+    choice = rng.choice(len(names), size=B, p=w / w.sum())
     tokens = np.full((B, T), tok.eos_id, np.int32)
     prompt_len = np.zeros(B, np.int32)
     valid_len = np.full(B, T, np.int32)
@@ -158,9 +174,14 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
         tokens[b, :len(p)] = p
         tokens[b, len(p):len(p) + len(r)] = r
         prompt_len[b] = len(p)
-        if rng.random() < tc.random_end_frac:
+        if rng.random() < end_frac:
             valid_len[b] = rng.integers(len(p) + len(r), T + 1)
     return tokens, prompt_len, valid_len
+
+
+def is_aux_step(tc: TrainConfig, step: int) -> bool:
+    """Whether `step` trains on the dense auxiliary batch (`TrainConfig.aux_task`)."""
+    return bool(tc.aux_task) and tc.aux_every > 0 and step % tc.aux_every == tc.aux_every - 1
 
 
 # ---------------------------------------------------------------- objective
@@ -254,7 +275,7 @@ def _cached_train_step(cfg: ModelConfig, tc: TrainConfig):
 def _step_fn_key(tc: TrainConfig) -> TrainConfig:
     """The fields the jitted step depends on (others zeroed so runs differing only in them share a compile)."""
     return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0,
-                               init_from="")
+                               init_from="", aux_task="", aux_every=0, aux_batch=0, aux_seq=0)
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
@@ -283,9 +304,10 @@ def eval_loss(params, cfg: ModelConfig, tc: TrainConfig, n_batches: int = 2, ste
     """Objective on fixed held-out batches with fixed masks (a low-noise loss for comparisons)."""
     tok = CharTokenizer()
     fn = _diffusion_loss_jit
+    mix = dataclasses.replace(tc, aux_task="")  # the task mixture only
     out = []
     for i in range(n_batches):
-        tokens, pl, vl = make_batch(tc, step0 + i, tok, split="heldout")
+        tokens, pl, vl = make_batch(mix, step0 + i, tok, split="heldout")
         loss, _ = fn(params, cfg, tokens, pl, vl, step_key(tc, step0 + i), eps=tc.eps)
         out.append(float(loss))
     return float(np.mean(out))
@@ -431,6 +453,11 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
         overrides["steps"] = int(steps)
     if overrides:
         tc = dataclasses.replace(tc, **overrides)
+    if tc.aux_task:
+        tasks_mod.get_task(tc.aux_task)  # a clear error for an unknown task
+        if tc.aux_every < 2 or tc.aux_batch < 1 or tc.aux_seq < 8:
+            raise ValueError(f"aux_task {tc.aux_task!r} needs aux_every >= 2, aux_batch >= 1 and aux_seq >= 8 "
+                             f"(got {tc.aux_every}, {tc.aux_batch}, {tc.aux_seq})")
     if work_dir is None:
         if out_dir is None:
             raise ValueError("train needs out_dir or work_dir")
@@ -483,13 +510,21 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
     t0 = time.time()
     bar = tqdm(total=tc.steps, initial=start, desc=f"train[{tc.name}]", disable=not progress, dynamic_ncols=True)
     logf = open(log_path, "a")
+    m = last_aux = None
     try:
         for step in range(start, end):
             tokens, pl, vl = make_batch(tc, step, tok)
-            params, opt_state, m = train_step(params, opt_state, tokens, pl, vl, step_key(tc, step))
+            params, opt_state, m_step = train_step(params, opt_state, tokens, pl, vl, step_key(tc, step))
+            if is_aux_step(tc, step):
+                last_aux = m_step
+            else:
+                m = m_step
             done = step + 1
             if done % tc.log_every == 0 or done == end:
-                m = {k: float(v) for k, v in m.items()}
+                # the mixture's metrics of its latest step (+ the dense auxiliary batch's, prefixed `aux_`)
+                m = {k: float(v) for k, v in (m if m is not None else m_step).items()}
+                if last_aux is not None:
+                    m.update({f"aux_{k}": float(v) for k, v in last_aux.items() if k in ("loss", "masked_acc")})
                 rec = {"step": done, **m, "lr": float(sched(step)), "seconds": prior_seconds + time.time() - t0}
                 history.append(rec)
                 logf.write(json.dumps(rec) + "\n")

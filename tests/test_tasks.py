@@ -58,18 +58,32 @@ def test_score_target_and_failures(task):
     assert not tasks.score(task, wrong, ex)
 
 
+def _value(expr: str) -> int:
+    """An equation side of our own generators (digits and + - *, maybe zero-padded) as an int."""
+    return eval(re.sub(r"\b0+(\d)", r"\1", expr))  # noqa: S307 - our own digits and + - *
+
+
 def test_arith_chain_is_correct():
     for ex in tasks.generate("arith", "train", 300, seed=0):
         lines = ex.target.split("\n")
         assert 2 <= len(lines) - 1 <= 4
         for ln in lines[:-1]:
             lhs, rhs = ln.split("=")
-            assert eval(lhs) == int(rhs) and 0 <= int(rhs) <= 199  # noqa: S307 - our own digits and + - *
+            assert _value(lhs) == int(rhs) and 0 <= int(rhs) <= 199
+            # sums and differences zero-padded to 3 digits (fixed digit offsets), products plain
+            assert re.fullmatch(r"\d{3}[+-]\d{3}=\d{3}" if "*" not in ln else r"\d\*\d=\d{1,2}", ln), ln
         assert lines[-1] == f"#### {ex.answer}"
         assert int(lines[-2].split("=")[1]) == int(ex.answer)
     # carries and borrows occur
     adds = [ln for ex in tasks.generate("arith", "train", 200, seed=0) for ln in ex.target.split("\n") if "+" in ln]
     assert any(int(a.split("+")[0]) % 10 + int(a.split("+")[1].split("=")[0]) % 10 >= 10 for a in adds)
+    # width=0 is the same problem with the plain chain of earlier sessions
+    from dllm_jax.tasks import arith
+
+    for i in range(50):
+        padded, plain = arith.make(np.random.default_rng(i)), arith.make(np.random.default_rng(i), width=0)
+        assert padded[:2] == plain[:2] and padded[3] == plain[3]
+        assert re.sub(r"\b0+(\d)", r"\1", padded[2]) == plain[2]
 
 
 def test_code_is_valid_python_with_structure():
@@ -132,6 +146,25 @@ def test_drill_is_training_only_and_correct():
     assert dict(PRESETS["cont3"].task_weights)["drill"] > 0
 
 
+def test_drillpad_is_the_drill_zero_padded():
+    assert "drillpad" not in tasks.list_tasks()
+    t, plain = tasks.get_task("drillpad"), tasks.get_task("drill")
+    for i in range(500):
+        p, ans, tgt, key = t.make(np.random.default_rng(i))
+        p0, ans0, tgt0, key0 = plain.make(np.random.default_rng(i))
+        assert (p, ans, key) == (p0, ans0, key0)  # the same problems (same split); only the response differs
+        ex = tasks.Example("drillpad", p, ans, tgt, key)
+        assert len(tgt) <= t.max_target_chars and tasks.score("drillpad", tgt, ex)
+        for la, lb in zip(tgt0.split("\n"), tgt.split("\n"), strict=True):
+            if "*" in la:
+                assert la == lb  # products stay as they are
+                continue
+            m = re.fullmatch(r"(\d{3})([+-])(\d{3})=(\d{3})", lb)
+            assert m, lb
+            x, op, y, r = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert (x + y if op == "+" else x - y) == r and la == f"{x}{op}{y}={r}"
+
+
 def test_arith_probe_masks_the_right_span():
     """benchmarks/arith_probe.py: the span is the first +/- result's digits; on the random tiny model the probe runs
     and reports fractions (the shipped model's figures are in docs/default_model.md)."""
@@ -153,7 +186,9 @@ def test_arith_probe_masks_the_right_span():
     for ex in tasks.generate("drill", "heldout", 20, 0) + tasks.generate("arith", "heldout", 20, 0):
         s, k = arith_probe.first_sum_span(ex.target)
         line = ex.target[:s + k].split("\n")[-1]
-        assert eval(line.split("=")[0]) == int(ex.target[s:s + k])  # noqa: S307 - our own digits
+        assert _value(line.split("=")[0]) == int(ex.target[s:s + k])
     cfg = train.model_config(train.get_preset("tiny"))
     r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "arith", 4, mask_rest=True)
     assert r["n"] == 4 and 0.0 <= r["units_digit"] <= 1.0 and 0.0 <= r["result_exact"] <= r["units_digit"]
+    r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "sums", 4, mask_rest=True)
+    assert r["n"] == 4 and 0.0 <= r["result_exact"] <= r["units_digit"] <= 1.0

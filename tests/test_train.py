@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -47,6 +48,33 @@ def test_make_batch_layout_and_determinism():
         assert row[0] == tok.bos_id and row[pl - 1] == tok.assistant_id
         assert row[-1] == tok.eos_id  # EOS padding runs to the end of the buffer
         assert tok.mask_id not in row
+
+
+def test_aux_steps_train_dense_sums(tmp_path):
+    """`aux_task`: every aux_every-th step is a batch of short single-equation rows; the other steps draw exactly
+    the batches of the same config without the option; the log reports both losses; bad settings are refused."""
+    tok = CharTokenizer()
+    base = dataclasses.replace(train.PRESETS["tiny"], steps=4, ckpt_every=2, log_every=2)
+    tc = dataclasses.replace(base, aux_task="sums", aux_every=2, aux_batch=16, aux_seq=16)
+    for step in range(4):
+        t, p, v = train.make_batch(tc, step, tok)
+        if step % 2 == 1:
+            assert train.is_aux_step(tc, step) and t.shape == (16, 16) and (p == 12).all() and (v == 16).all()
+            for row in t:  # '<bos><user>047+038=<eot><assistant>085<eos>': the three result digits are the sum
+                text = tok.decode(row[2:10].tolist())
+                a, op, b = int(text[:3]), text[3], int(text[4:7])
+                assert tok.decode(row[12:15].tolist()) == f"{a + b if op == '+' else a - b:03d}"
+        else:
+            assert not train.is_aux_step(tc, step)
+            for x, y in zip(train.make_batch(tc, step, tok), train.make_batch(base, step, tok)):
+                assert np.array_equal(x, y)
+    assert "cont5" in train.PRESETS and train.PRESETS["cont5"].aux_task == "sums"
+    r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
+    assert r["step"] == 4 and all("aux_loss" in h and np.isfinite(h["aux_loss"]) for h in r["history"])
+    for bad, msg in ((dict(aux_task="nope", aux_every=2), "unknown task"), (dict(aux_task="sums", aux_every=1),
+                                                                            "aux_every >= 2")):
+        with pytest.raises(ValueError, match=msg):
+            train.train(base, work_dir=str(tmp_path / "bad"), progress=False, **bad)
 
 
 def test_train_forward_matches_inference_forward():

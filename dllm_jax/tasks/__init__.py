@@ -51,6 +51,9 @@ def _task(m) -> Task:
 TASKS: dict[str, Task] = {m.NAME: _task(m) for m in (arith, code, sort)}  # the evaluation testbed
 # training-only tasks: may appear in a training mixture's task weights, never in `list_tasks()` / evaluation
 TRAIN_ONLY: dict[str, Task] = {m.NAME: _task(m) for m in (drill,)}
+TRAIN_ONLY["drillpad"] = Task("drillpad", drill.DESCRIPTION_PADDED, drill.make_padded, drill.extract,
+                              drill.MAX_PROMPT_CHARS, drill.MAX_TARGET_CHARS_PADDED)
+TRAIN_ONLY["sums"] = Task("sums", drill.DESCRIPTION_SUM, drill.make_sum, drill.extract_sum, 8, 3)
 
 
 def list_tasks() -> list[str]:

@@ -1,14 +1,17 @@
 """GSM8K-like arithmetic word problems: 2-4 worked steps (one equation a line) and a final `#### answer` line.
 
     Ivy has 47 beads. She finds 38. She gets 3 bags of 6. She loses 29. How many now?
-    ->  47+38=85
+    ->  047+038=085
         3*6=18
-        85+18=103
-        103-29=74
+        085+018=103
+        103-029=074
         #### 74
 
 Additions and subtractions of two-digit numbers (with carries and borrows), single-digit products; every running
-total stays in [0, 199].
+total stays in [0, 199]. The chain's additions and subtractions are written zero-padded to three digits (`WIDTH`),
+so each digit of a result sits at a fixed offset from the digits it depends on: the model learns sums at those
+offsets (the `sums` training rows, `tasks/drill.py`) and writes them in the chain. Products and the answer are
+plain numbers. (Until session 2026-12-03 (6) the chain was unpadded, `47+38=85`: `make(rng, width=0)`.)
 """
 
 from __future__ import annotations
@@ -28,11 +31,18 @@ ADD = ["buys {n}", "finds {n}", "gets {n}", "wins {n}"]
 SUB = ["gives away {n}", "loses {n}", "sells {n}", "drops {n}"]
 BOXES = ["bags", "boxes", "packs"]
 TOTAL_MAX = 199
+WIDTH = 3  # zero-padding of the chain's sums and differences (0 = plain numbers)
 
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
-def make(rng):
+def _w(v: int, width: int) -> str:
+    return str(v).zfill(width) if width else str(v)
+
+
+def make(rng, width: int = WIDTH):
+    """One problem. `width` > 0 zero-pads the operands and results of the chain's additions and subtractions
+    (`047+038=085`: every digit at a fixed offset from its line's `=`); products and `#### answer` stay natural."""
     name, pron = NAMES[rng.integers(len(NAMES))]
     item = ITEMS[rng.integers(len(ITEMS))]
     n_eq = int(rng.integers(2, 5))  # equations in the worked chain
@@ -53,20 +63,20 @@ def make(rng):
             else:
                 box = BOXES[rng.integers(len(BOXES))]
                 sents.append(f"{pron} gets {k} {box} of {m}.")
-                lines += [f"{k}*{m}={k * m}", f"{total}+{k * m}={total + k * m}"]
+                lines += [f"{k}*{m}={k * m}", f"{_w(total, width)}+{_w(k * m, width)}={_w(total + k * m, width)}"]
                 key.append(f"+{k}*{m}")
                 total += k * m
                 continue
         if kind == "add":
             n = int(rng.integers(2, min(99, TOTAL_MAX - total) + 1))
             sents.append(f"{pron} {ADD[rng.integers(len(ADD))].format(n=n)}.")
-            lines.append(f"{total}+{n}={total + n}")
+            lines.append(f"{_w(total, width)}+{_w(n, width)}={_w(total + n, width)}")
             key.append(f"+{n}")
             total += n
         else:
             n = int(rng.integers(2, min(99, total) + 1))
             sents.append(f"{pron} {SUB[rng.integers(len(SUB))].format(n=n)}.")
-            lines.append(f"{total}-{n}={total - n}")
+            lines.append(f"{_w(total, width)}-{_w(n, width)}={_w(total - n, width)}")
             key.append(f"-{n}")
             total -= n
     sents.append("How many now?")

@@ -20,33 +20,68 @@ NAME = "drill"
 DESCRIPTION = "equation drill for arith (training only): 4-6 additions, subtractions and products"
 MAX_PROMPT_CHARS = 60
 MAX_TARGET_CHARS = 66
+DESCRIPTION_PADDED = "equation drill, zero-padded to 3 digits in the response (training only): 047+038=085"
+MAX_TARGET_CHARS_PADDED = 71
+DESCRIPTION_SUM = "one zero-padded sum or difference (training only): 047+038= -> 085"
 TOTAL_MAX = 199
 
 _LAST = re.compile(r"=(-?\d+)\s*$")
 
 
-def make(rng):
-    eqs = []
+def _width(v: int, width: int) -> str:
+    return str(v).zfill(width) if width else str(v)
+
+
+def make(rng, width: int = 0):
+    """One problem; `width` > 0 writes the additions and subtractions of the response with zero-padded operands and
+    results (`047+038=085`), so every digit sits at a fixed offset from its line's `=` (the prompt stays natural)."""
+    eqs, shown = [], []
     for _ in range(int(rng.integers(4, 7))):
         kind = rng.choice(["add", "sub", "mul"], p=[0.45, 0.45, 0.10])
         if kind == "mul":
             a, b = int(rng.integers(2, 10)), int(rng.integers(2, 10))
             eqs.append((f"{a}*{b}", a * b))
+            shown.append(f"{a}*{b}={a * b}")
         elif kind == "add":
             a = int(rng.integers(2, TOTAL_MAX - 1))
             b = int(rng.integers(2, min(99, TOTAL_MAX - a) + 1))
             eqs.append((f"{a}+{b}", a + b))
+            shown.append(f"{_width(a, width)}+{_width(b, width)}={_width(a + b, width)}")
         else:
             a = int(rng.integers(2, TOTAL_MAX + 1))
             b = int(rng.integers(2, min(99, a) + 1))
             eqs.append((f"{a}-{b}", a - b))
+            shown.append(f"{_width(a, width)}-{_width(b, width)}={_width(a - b, width)}")
     prompt = "Work out: " + ", ".join(e for e, _ in eqs) + "."
-    target = "\n".join(f"{e}={v}" for e, v in eqs)
+    target = "\n".join(shown)
     answer = str(eqs[-1][1])
     return prompt, answer, target, ",".join(e for e, _ in eqs)
+
+
+def make_padded(rng):
+    return make(rng, width=3)
+
+
+def make_sum(rng):
+    """One zero-padded addition or subtraction, the operands in the prompt: `047+038=` -> `085` (the `sums` rows of
+    `TrainConfig.aux_task`: short, so a batch holds hundreds of them; the same digit offsets as `arith`'s chain)."""
+    if rng.random() < 0.5:
+        a = int(rng.integers(2, TOTAL_MAX - 1))
+        b = int(rng.integers(2, min(99, TOTAL_MAX - a) + 1))
+        op, r = "+", a + b
+    else:
+        a = int(rng.integers(2, TOTAL_MAX + 1))
+        b = int(rng.integers(2, min(99, a) + 1))
+        op, r = "-", a - b
+    return f"{a:03d}{op}{b:03d}=", str(r), f"{r:03d}", f"{a}{op}{b}"
+
+
+def extract_sum(text: str):
+    t = text.strip().split("\n")[0] if text.strip() else ""
+    return str(int(t)) if t.isdigit() else None
 
 
 def extract(text: str):
     lines = [ln for ln in text.strip().split("\n") if ln.strip()]
     m = _LAST.search(lines[-1]) if lines else None
-    return m.group(1) if m else None
+    return str(int(m.group(1))) if m else None

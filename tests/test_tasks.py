@@ -165,6 +165,22 @@ def test_drillpad_is_the_drill_zero_padded():
             assert (x + y if op == "+" else x - y) == r and la == f"{x}{op}{y}={r}"
 
 
+def test_sums_and_ask_are_training_only_and_correct():
+    assert not {"sums", "ask"} & set(tasks.list_tasks())
+    for ex in tasks.generate("sums", "train", 300, seed=1):
+        m = re.fullmatch(r"(\d{3})([+-])(\d{3})=", ex.prompt)
+        r = int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3])
+        assert ex.target == f"{r:03d}" and ex.answer == str(r) and tasks.score("sums", ex.target, ex)
+        assert 0 <= r <= 199 and int(m[3]) <= 99
+    for ex in tasks.generate("ask", "train", 300, seed=1):
+        m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", ex.prompt)
+        r = int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3])
+        assert ex.target == f"{int(m[1]):03d}{m[2]}{int(m[3]):03d}={r:03d}\n#### {r}"
+        assert tasks.score("ask", ex.target, ex)
+        assert len(ex.prompt) <= tasks.get_task("ask").max_prompt_chars
+        assert len(ex.target) <= tasks.get_task("ask").max_target_chars
+
+
 def test_arith_probe_masks_the_right_span():
     """benchmarks/arith_probe.py: the span is the first +/- result's digits; on the random tiny model the probe runs
     and reports fractions (the shipped model's figures are in docs/default_model.md)."""

@@ -54,6 +54,7 @@ TRAIN_ONLY: dict[str, Task] = {m.NAME: _task(m) for m in (drill,)}
 TRAIN_ONLY["drillpad"] = Task("drillpad", drill.DESCRIPTION_PADDED, drill.make_padded, drill.extract,
                               drill.MAX_PROMPT_CHARS, drill.MAX_TARGET_CHARS_PADDED)
 TRAIN_ONLY["sums"] = Task("sums", drill.DESCRIPTION_SUM, drill.make_sum, drill.extract_sum, 8, 3)
+TRAIN_ONLY["ask"] = Task("ask", drill.DESCRIPTION_ASK, drill.make_ask, arith.extract, 20, 20)
 
 
 def list_tasks() -> list[str]:

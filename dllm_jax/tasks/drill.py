@@ -23,6 +23,7 @@ MAX_TARGET_CHARS = 66
 DESCRIPTION_PADDED = "equation drill, zero-padded to 3 digits in the response (training only): 047+038=085"
 MAX_TARGET_CHARS_PADDED = 71
 DESCRIPTION_SUM = "one zero-padded sum or difference (training only): 047+038= -> 085"
+DESCRIPTION_ASK = "a bare question (training only): What is 12 + 35? -> 012+035=047 / #### 47"
 TOTAL_MAX = 199
 
 _LAST = re.compile(r"=(-?\d+)\s*$")
@@ -74,6 +75,14 @@ def make_sum(rng):
         b = int(rng.integers(2, min(99, a) + 1))
         op, r = "-", a - b
     return f"{a:03d}{op}{b:03d}=", str(r), f"{r:03d}", f"{a}{op}{b}"
+
+
+def make_ask(rng):
+    """A bare question in words, answered like an `arith` chain: `What is 12 + 35?` -> `012+035=047` / `#### 47`
+    (training only: the README's `dllm-jax generate "What is 12 + 35?"` form; `arith` stays word problems)."""
+    eq, ans, res, key = make_sum(rng)  # eq '012+035=', res '047'
+    a, op, b = int(eq[:3]), eq[3], int(eq[4:7])
+    return f"What is {a} {op} {b}?", ans, f"{eq}{res}\n#### {ans}", "q" + key
 
 
 def extract_sum(text: str):

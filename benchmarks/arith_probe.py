@@ -64,6 +64,8 @@ def load_params(a):
 
 
 def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> dict:
+    """`buf`: the canvas (masks after the row); `sums` rows use their 16-token training buffer (`cont5`'s aux_seq),
+    where the result is followed by EOS."""
     import jax
     import jax.numpy as jnp
 
@@ -87,7 +89,10 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
             x[P + s:] = cfg.mask_token_id
         else:
             x[P + s:P + s + k] = cfg.mask_token_id
-        x = np.concatenate([x, np.full(buf - len(x), cfg.mask_token_id, np.int32)])  # one compiled shape
+        if task == "sums":
+            x = np.concatenate([x, np.full(16 - len(x), cfg.eos_token_id, np.int32)])
+        else:
+            x = np.concatenate([x, np.full(buf - len(x), cfg.mask_token_id, np.int32)])  # one compiled shape
         pred = np.asarray(jnp.argmax(fwd(params, jnp.asarray(x)[None])[0, P + s:P + s + k], -1))
         ok = pred == ids[P + s:P + s + k]
         total, full, units = total + 1, full + bool(ok.all()), units + bool(ok[-1])

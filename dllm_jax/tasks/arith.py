@@ -36,7 +36,8 @@ WIDTH = 3  # zero-padding of the chain's sums and differences (0 = plain numbers
 _ANSWER = re.compile(r"####\s*(-?\d+)")
 
 
-def _w(v: int, width: int) -> str:
+def pad(v: int, width: int) -> str:
+    """`v` zero-padded to `width` digits (0: as it is)."""
     return str(v).zfill(width) if width else str(v)
 
 
@@ -63,20 +64,20 @@ def make(rng, width: int = WIDTH):
             else:
                 box = BOXES[rng.integers(len(BOXES))]
                 sents.append(f"{pron} gets {k} {box} of {m}.")
-                lines += [f"{k}*{m}={k * m}", f"{_w(total, width)}+{_w(k * m, width)}={_w(total + k * m, width)}"]
+                lines += [f"{k}*{m}={k * m}", f"{pad(total, width)}+{pad(k * m, width)}={pad(total + k * m, width)}"]
                 key.append(f"+{k}*{m}")
                 total += k * m
                 continue
         if kind == "add":
             n = int(rng.integers(2, min(99, TOTAL_MAX - total) + 1))
             sents.append(f"{pron} {ADD[rng.integers(len(ADD))].format(n=n)}.")
-            lines.append(f"{_w(total, width)}+{_w(n, width)}={_w(total + n, width)}")
+            lines.append(f"{pad(total, width)}+{pad(n, width)}={pad(total + n, width)}")
             key.append(f"+{n}")
             total += n
         else:
             n = int(rng.integers(2, min(99, total) + 1))
             sents.append(f"{pron} {SUB[rng.integers(len(SUB))].format(n=n)}.")
-            lines.append(f"{_w(total, width)}-{_w(n, width)}={_w(total - n, width)}")
+            lines.append(f"{pad(total, width)}-{pad(n, width)}={pad(total - n, width)}")
             key.append(f"-{n}")
             total -= n
     sents.append("How many now?")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import re
 
+from dllm_jax.tasks.arith import pad
+
 NAME = "drill"
 DESCRIPTION = "equation drill for arith (training only): 4-6 additions, subtractions and products"
 MAX_PROMPT_CHARS = 60
@@ -27,10 +29,6 @@ DESCRIPTION_ASK = "a bare question (training only): What is 12 + 35? -> 012+035=
 TOTAL_MAX = 199
 
 _LAST = re.compile(r"=(-?\d+)\s*$")
-
-
-def _width(v: int, width: int) -> str:
-    return str(v).zfill(width) if width else str(v)
 
 
 def make(rng, width: int = 0):
@@ -47,12 +45,12 @@ def make(rng, width: int = 0):
             a = int(rng.integers(2, TOTAL_MAX - 1))
             b = int(rng.integers(2, min(99, TOTAL_MAX - a) + 1))
             eqs.append((f"{a}+{b}", a + b))
-            shown.append(f"{_width(a, width)}+{_width(b, width)}={_width(a + b, width)}")
+            shown.append(f"{pad(a, width)}+{pad(b, width)}={pad(a + b, width)}")
         else:
             a = int(rng.integers(2, TOTAL_MAX + 1))
             b = int(rng.integers(2, min(99, a) + 1))
             eqs.append((f"{a}-{b}", a - b))
-            shown.append(f"{_width(a, width)}-{_width(b, width)}={_width(a - b, width)}")
+            shown.append(f"{pad(a, width)}-{pad(b, width)}={pad(a - b, width)}")
     prompt = "Work out: " + ", ".join(e for e, _ in eqs) + "."
     target = "\n".join(shown)
     answer = str(eqs[-1][1])

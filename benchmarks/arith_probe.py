@@ -77,11 +77,11 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
     fwd = jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
     full = units = total = 0
     for e in tasks.generate(task, "heldout", n, 0):
-        span = (0, len(e.target)) if task == "sums" else first_sum_span(e.target)  # sums: the whole response
+        span = (0, len(e.target)) if task in ("sums", "rawsums") else first_sum_span(e.target)  # sums: the whole response
         if span is None:
             continue
         s, k = span
-        p = tok.encode_prompt(e.prompt)
+        p = tok.encode_prompt(e.prompt, chat=tasks.get_task(task).chat)
         ids = np.array(p + tok.encode(e.target) + [cfg.eos_token_id], np.int32)
         P = len(p)
         x = ids.copy()
@@ -89,7 +89,7 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
             x[P + s:] = cfg.mask_token_id
         else:
             x[P + s:P + s + k] = cfg.mask_token_id
-        if task == "sums":
+        if task in ("sums", "rawsums"):
             x = np.concatenate([x, np.full(16 - len(x), cfg.eos_token_id, np.int32)])
         else:
             x = np.concatenate([x, np.full(buf - len(x), cfg.mask_token_id, np.int32)])  # one compiled shape
@@ -105,14 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ckpt", help="a training work dir's ckpt/ (latest step), with --preset")
     ap.add_argument("--preset", default="cont3", help="train preset of --ckpt (model shape and optimiser)")
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--tasks", default="arith,drill", help="comma-separated: arith, drill, drillpad, sums")
+    ap.add_argument("--tasks", default="arith,drill", help="comma-separated: arith, drill, drillpad, sums, rawsums")
     a = ap.parse_args(argv)
     params, cfg, name = load_params(a)
     print(f"model: {name}; n = {a.n} held-out problems per task; first +/- result of each")
     for task in a.tasks.split(","):
         for mask_rest, label in ((True, "result and everything after it masked"),
                                  (False, "only the result masked (copy route open)")):
-            if task == "sums" and not mask_rest:
+            if task in ("sums", "rawsums") and not mask_rest:
                 continue  # one equation: nothing follows the result
             r = probe(params, cfg, task, a.n, mask_rest)
             print(f"  {task:8s} {label:42s} exact {r['result_exact'] * 100:5.1f} %   units digit "

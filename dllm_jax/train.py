@@ -125,6 +125,12 @@ PRESETS = {
     "cont5": TrainConfig(name="cont5", n_layers=6, steps=4000, lr=1e-3, warmup=200, ckpt_every=250, log_every=50,
                          seed=5, task_weights=(("arith", 0.45), ("code", 0.35), ("sort", 0.20)),
                          aux_task="sums", aux_every=2, aux_batch=256, aux_seq=16),
+    # sixth continuation (session 7): from run 8, which learned `sums` (99.5 %) but not the chain's sums (1 %).
+    # The same rows without the chat template (`rawsums`: the result at the chain's offset from `=`), and `ask`
+    # (`What is 12 + 35?`) in the mixture
+    "cont6": TrainConfig(name="cont6", n_layers=6, steps=3000, lr=1e-3, warmup=100, ckpt_every=250, log_every=50,
+                         seed=6, task_weights=(("arith", 0.40), ("ask", 0.05), ("code", 0.35), ("sort", 0.20)),
+                         aux_task="rawsums", aux_every=2, aux_batch=256, aux_seq=16),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -165,7 +171,7 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
     for b in range(B):
         for _ in range(100):  # redraw the (rare) examples that do not fit the buffer
             ex = tasks_mod.sample(names[choice[b]], rng, split)
-            p = tok.encode_prompt(ex.prompt)
+            p = tok.encode_prompt(ex.prompt, chat=tasks_mod.get_task(ex.task).chat)
             r = tok.encode(ex.target) + [tok.eos_id]
             if len(p) + len(r) <= T:
                 break

@@ -166,7 +166,9 @@ def test_drillpad_is_the_drill_zero_padded():
 
 
 def test_sums_and_ask_are_training_only_and_correct():
-    assert not {"sums", "ask"} & set(tasks.list_tasks())
+    assert not {"sums", "rawsums", "ask"} & set(tasks.list_tasks())
+    assert tasks.get_task("sums").chat and not tasks.get_task("rawsums").chat and tasks.get_task("ask").chat
+    assert tasks.generate("rawsums", "train", 50, seed=1)[0].target.isdigit()
     for ex in tasks.generate("sums", "train", 300, seed=1):
         m = re.fullmatch(r"(\d{3})([+-])(\d{3})=", ex.prompt)
         r = int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3])
@@ -206,5 +208,6 @@ def test_arith_probe_masks_the_right_span():
     cfg = train.model_config(train.get_preset("tiny"))
     r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "arith", 4, mask_rest=True)
     assert r["n"] == 4 and 0.0 <= r["units_digit"] <= 1.0 and 0.0 <= r["result_exact"] <= r["units_digit"]
-    r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "sums", 4, mask_rest=True)
-    assert r["n"] == 4 and 0.0 <= r["result_exact"] <= r["units_digit"] <= 1.0
+    for task in ("sums", "rawsums"):
+        r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, task, 4, mask_rest=True)
+        assert r["n"] == 4 and 0.0 <= r["result_exact"] <= r["units_digit"] <= 1.0

@@ -69,6 +69,14 @@ def test_aux_steps_train_dense_sums(tmp_path):
             for x, y in zip(train.make_batch(tc, step, tok), train.make_batch(base, step, tok)):
                 assert np.array_equal(x, y)
     assert "cont5" in train.PRESETS and train.PRESETS["cont5"].aux_task == "sums"
+    raw = dataclasses.replace(tc, aux_task="rawsums")
+    t, p, _ = train.make_batch(raw, 1, tok)  # no chat template: '<bos>047+038=085<eos>', the chain line's offsets
+    assert (p == 9).all() and (t[:, 0] == tok.bos_id).all() and not (t == tok.assistant_id).any()
+    for row in t:
+        text = tok.decode(row[1:12].tolist())
+        a, op, b = int(text[:3]), text[3], int(text[4:7])
+        assert text[7] == "=" and text[8:11] == f"{a + b if op == '+' else a - b:03d}" and row[12] == tok.eos_id
+    assert train.PRESETS["cont6"].aux_task == "rawsums" and dict(train.PRESETS["cont6"].task_weights)["ask"] > 0
     r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
     assert r["step"] == 4 and all("aux_loss" in h and np.isfinite(h["aux_loss"]) for h in r["history"])
     for bad, msg in ((dict(aux_task="nope", aux_every=2), "unknown task"), (dict(aux_task="sums", aux_every=1),

@@ -42,6 +42,7 @@ class Task:
     extract: Callable  # (generated text) -> the final answer string, or None
     max_prompt_chars: int
     max_target_chars: int
+    chat: bool = True  # training rows wrap the prompt in the chat template; False: <|bos|> + the raw prompt
 
 
 def _task(m) -> Task:
@@ -54,6 +55,11 @@ TRAIN_ONLY: dict[str, Task] = {m.NAME: _task(m) for m in (drill,)}
 TRAIN_ONLY["drillpad"] = Task("drillpad", drill.DESCRIPTION_PADDED, drill.make_padded, drill.extract,
                               drill.MAX_PROMPT_CHARS, drill.MAX_TARGET_CHARS_PADDED)
 TRAIN_ONLY["sums"] = Task("sums", drill.DESCRIPTION_SUM, drill.make_sum, drill.extract_sum, 8, 3)
+# `sums` without the chat template, `<|bos|>047+038=085<|eos|>`: the result at the same offset from `=` as in
+# `arith`'s chain lines (with the template, `<|eot|><|assistant|>` sit between; run 8 learned those and did not
+# transfer them to the chain)
+TRAIN_ONLY["rawsums"] = Task("rawsums", drill.DESCRIPTION_RAWSUM, drill.make_sum, drill.extract_sum, 8, 3,
+                             chat=False)
 TRAIN_ONLY["ask"] = Task("ask", drill.DESCRIPTION_ASK, drill.make_ask, arith.extract, 20, 20)
 
 

@@ -25,6 +25,7 @@ MAX_TARGET_CHARS = 66
 DESCRIPTION_PADDED = "equation drill, zero-padded to 3 digits in the response (training only): 047+038=085"
 MAX_TARGET_CHARS_PADDED = 71
 DESCRIPTION_SUM = "one zero-padded sum or difference (training only): 047+038= -> 085"
+DESCRIPTION_RAWSUM = "one zero-padded sum or difference, no chat template (training only): <|bos|>047+038=085"
 DESCRIPTION_ASK = "a bare question (training only): What is 12 + 35? -> 012+035=047 / #### 47"
 TOTAL_MAX = 199
 

@@ -183,6 +183,25 @@ def test_sums_and_ask_are_training_only_and_correct():
         assert len(ex.target) <= tasks.get_task("ask").max_target_chars
 
 
+def test_chainstep_is_an_arith_chain_cut_after_one_result():
+    """`chainstep`: the arith row up to one +/- result (chat template written in the prompt), target the result;
+    problems follow arith's split, so no held-out arith problem is trained on."""
+    from dllm_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    t = tasks.get_task("chainstep")
+    assert not t.chat and t.split_as == "arith" and "chainstep" not in tasks.list_tasks()
+    for split in tasks.SPLITS:
+        for ex in tasks.generate("chainstep", split, 200, seed=4):
+            assert tasks.split_of(f"arith:{ex.key}") == split
+            assert ex.prompt.startswith("<|user|>") and ex.prompt.count("<|assistant|>") == 1
+            line = ex.prompt.split("\n")[-1].split("<|assistant|>")[-1]
+            m = re.fullmatch(r"(\d{3})([+-])(\d{3})=", line)
+            assert m and ex.target == f"{_value(line[:-1]):03d}" and tasks.score("chainstep", ex.target, ex)
+            ids = tok.encode_prompt(ex.prompt, chat=False)
+            assert ids[0] == tok.bos_id and len(ids) + 4 <= 160
+
+
 def test_arith_probe_masks_the_right_span():
     """benchmarks/arith_probe.py: the span is the first +/- result's digits; on the random tiny model the probe runs
     and reports fractions (the shipped model's figures are in docs/default_model.md)."""

@@ -43,6 +43,7 @@ class Task:
     max_prompt_chars: int
     max_target_chars: int
     chat: bool = True  # training rows wrap the prompt in the chat template; False: <|bos|> + the raw prompt
+    split_as: str = ""  # the task whose split the problem keys follow (default: this task's own)
 
 
 def _task(m) -> Task:
@@ -60,6 +61,9 @@ TRAIN_ONLY["sums"] = Task("sums", drill.DESCRIPTION_SUM, drill.make_sum, drill.e
 # transfer them to the chain)
 TRAIN_ONLY["rawsums"] = Task("rawsums", drill.DESCRIPTION_RAWSUM, drill.make_sum, drill.extract_sum, 8, 3,
                              chat=False)
+# one result of an `arith` chain, with the problem and the chain before it as the prompt (arith's split)
+TRAIN_ONLY["chainstep"] = Task("chainstep", drill.DESCRIPTION_CHAINSTEP, drill.make_chainstep, drill.extract_sum,
+                               170, 3, chat=False, split_as="arith")
 TRAIN_ONLY["ask"] = Task("ask", drill.DESCRIPTION_ASK, drill.make_ask, arith.extract, 20, 20)
 
 
@@ -89,7 +93,7 @@ def sample(task: str, rng: np.random.Generator, split: str = "train") -> Example
     t = get_task(task)
     while True:
         prompt, answer, target, key = t.make(rng)
-        if split_of(f"{task}:{key}") == split:
+        if split_of(f"{t.split_as or task}:{key}") == split:
             return Example(task, prompt, answer, target, key)
 
 

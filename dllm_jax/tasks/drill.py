@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import re
 
+from dllm_jax.tasks import arith
 from dllm_jax.tasks.arith import pad
+from dllm_jax.tokenizer import ASSISTANT, EOT, USER
 
 NAME = "drill"
 DESCRIPTION = "equation drill for arith (training only): 4-6 additions, subtractions and products"
@@ -26,6 +28,8 @@ DESCRIPTION_PADDED = "equation drill, zero-padded to 3 digits in the response (t
 MAX_TARGET_CHARS_PADDED = 71
 DESCRIPTION_SUM = "one zero-padded sum or difference (training only): 047+038= -> 085"
 DESCRIPTION_RAWSUM = "one zero-padded sum or difference, no chat template (training only): <|bos|>047+038=085"
+DESCRIPTION_CHAINSTEP = "one +/- result of an arith chain, the problem and the chain before it as the prompt " \
+    "(training only)"
 DESCRIPTION_ASK = "a bare question (training only): What is 12 + 35? -> 012+035=047 / #### 47"
 TOTAL_MAX = 199
 
@@ -82,6 +86,25 @@ def make_ask(rng):
     eq, ans, res, key = make_sum(rng)  # eq '012+035=', res '047'
     a, op, b = int(eq[:3]), eq[3], int(eq[4:7])
     return f"What is {a} {op} {b}?", ans, f"{eq}{res}\n#### {ans}", "q" + key
+
+
+def make_chainstep(rng):
+    """One +/- result of an `arith` chain in its own context: the prompt is the problem, the chat template and the
+    chain up to that line's `=` (written with the special tokens, so the row is encoded without adding a template:
+    `Task.chat` False); the target is the zero-padded result. Nothing after the result is in the row, so the result
+    can only be computed, never copied from a later line or the `#### answer` (in `arith` rows the model learned to
+    copy and never to compute: benchmarks/arith_probe.py). The key is the `arith` problem's, so the split follows
+    `arith`'s (`Task.split_as`)."""
+    prompt, _, target, key = arith.make(rng)
+    lines = target.split("\n")
+    sums = [i for i, ln in enumerate(lines) if _PADDED.fullmatch(ln)]
+    i = sums[int(rng.integers(len(sums)))]
+    lhs, res = lines[i].split("=")
+    return f"{USER}{prompt}{EOT}{ASSISTANT}" + "".join(ln + "\n" for ln in lines[:i]) + lhs + "=", str(int(res)), \
+        res, key
+
+
+_PADDED = re.compile(r"\d{3}[+-]\d{3}=\d{3}")
 
 
 def extract_sum(text: str):

@@ -99,6 +99,32 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
     return {"n": total, "result_exact": full / max(total, 1), "units_digit": units / max(total, 1)}
 
 
+def place_probe(params, cfg, n: int, buf: int, k: int) -> dict:
+    """Is the sum circuit bound to a place? `rawsums` rows (`<|bos|>047+038=085<|eos|>`) after `k` visible
+    independent equations, in a `buf`-token buffer (EOS after the row); the result masked."""
+    import jax
+    import jax.numpy as jnp
+
+    from dllm_jax import tasks
+    from dllm_jax.models import transformer as tf
+    from dllm_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    fwd = jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
+    fill = tasks.generate("rawsums", "train", n + k, 1)
+    full = units = 0
+    for i, e in enumerate(tasks.generate("rawsums", "heldout", n, 0)):
+        pre = "".join(f.prompt + f.target + "\n" for f in fill[i:i + k])
+        ids = np.array([tok.bos_id] + tok.encode(pre + e.prompt + e.target) + [tok.eos_id], np.int32)
+        P = len(ids) - 4
+        x = ids.copy()
+        x[P:P + 3] = cfg.mask_token_id
+        x = np.concatenate([x, np.full(buf - len(x), cfg.eos_token_id, np.int32)])
+        ok = np.asarray(jnp.argmax(fwd(params, jnp.asarray(x)[None])[0, P:P + 3], -1)) == ids[P:P + 3]
+        full, units = full + bool(ok.all()), units + bool(ok[-1])
+    return {"n": n, "result_exact": full / n, "units_digit": units / n}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="converted model dir (default: the embedded model)")
@@ -106,6 +132,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="cont3", help="train preset of --ckpt (model shape and optimiser)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--tasks", default="arith,drill", help="comma-separated: arith, drill, drillpad, sums, rawsums")
+    ap.add_argument("--place", action="store_true",
+                    help="also: rawsums after k visible equations in 16- to 160-token buffers")
     a = ap.parse_args(argv)
     params, cfg, name = load_params(a)
     print(f"model: {name}; n = {a.n} held-out problems per task; first +/- result of each")
@@ -117,6 +145,13 @@ def main(argv=None) -> int:
             r = probe(params, cfg, task, a.n, mask_rest)
             print(f"  {task:8s} {label:42s} exact {r['result_exact'] * 100:5.1f} %   units digit "
                   f"{r['units_digit'] * 100:5.1f} %   (n {r['n']})")
+    if a.place:
+        print("  a sum after k visible equations, in a buffer of B tokens (result masked):")
+        for buf, ks in ((16, (0,)), (32, (0, 1)), (64, (0, 1, 3)), (160, (0, 3, 10))):
+            for k in ks:
+                r = place_probe(params, cfg, a.n, buf, k)
+                print(f"  B {buf:3d}  k {k:2d}   exact {r['result_exact'] * 100:5.1f} %   units digit "
+                      f"{r['units_digit'] * 100:5.1f} %   (n {r['n']})")
     return 0
 
 

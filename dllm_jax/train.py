@@ -126,13 +126,14 @@ PRESETS = {
                          seed=5, task_weights=(("arith", 0.45), ("code", 0.35), ("sort", 0.20)),
                          aux_task="sums", aux_every=2, aux_batch=256, aux_seq=16),
     # sixth continuation (session 7): from run 8, which learned `sums` (99.5 %) but not the chain's sums (1 %).
-    # Without the chat template (`rawsums`, the result at the chain's offset from `=`) the rows were learned in 100
-    # steps and still did not transfer (0.5 % at step 250). So: `chainstep` rows, one chain result in its own
-    # context with nothing after it (no copy route), 30 % of the mixture; `ask` (`What is 12 + 35?`) at 5 %
+    # Its sum circuit is bound to the place: 92 % in the 16-token buffer it was trained in, 0 % in a 160-token one
+    # (docs/default_model.md). So the dense rows are `rawdrill`: 6-12 sums a row all over the 160-token buffer, only
+    # the results masked; plus `chainstep` (one chain result in its own context, nothing after it to copy from) and
+    # `ask` (`What is 12 + 35?`) in the mixture
     "cont6": TrainConfig(name="cont6", n_layers=6, steps=3000, lr=1e-3, warmup=100, ckpt_every=250, log_every=50,
-                         seed=6, task_weights=(("arith", 0.20), ("chainstep", 0.30), ("ask", 0.05), ("code", 0.30),
-                                               ("sort", 0.15)),
-                         aux_task="rawsums", aux_every=2, aux_batch=256, aux_seq=16),
+                         seed=6, task_weights=(("arith", 0.25), ("chainstep", 0.20), ("ask", 0.05), ("code", 0.30),
+                                               ("sort", 0.20)),
+                         aux_task="rawdrill", aux_every=2, aux_batch=64, aux_seq=160),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }
@@ -158,7 +159,9 @@ def model_config(tc: TrainConfig, tok: CharTokenizer | None = None) -> ModelConf
 
 # ---------------------------------------------------------------- data
 def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "train"):
-    """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy), deterministic."""
+    """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy) and maskable [B, T] (bool:
+    the positions the noise may mask, prompt_len <= pos < valid_len, narrowed by a task's `Task.maskable`),
+    deterministic."""
     rng = np.random.default_rng([tc.seed, step])
     if is_aux_step(tc, step):
         names, w, B, T, end_frac = [tc.aux_task], np.ones(1), tc.aux_batch, tc.aux_seq, 0.0
@@ -170,6 +173,7 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
     tokens = np.full((B, T), tok.eos_id, np.int32)
     prompt_len = np.zeros(B, np.int32)
     valid_len = np.full(B, T, np.int32)
+    maskable = np.zeros((B, T), bool)
     for b in range(B):
         for _ in range(100):  # redraw the (rare) examples that do not fit the buffer
             ex = tasks_mod.sample(names[choice[b]], rng, split)
@@ -184,7 +188,12 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
         prompt_len[b] = len(p)
         if rng.random() < end_frac:
             valid_len[b] = rng.integers(len(p) + len(r), T + 1)
-    return tokens, prompt_len, valid_len
+        maskable[b, len(p):valid_len[b]] = True
+        only = tasks_mod.get_task(ex.task).maskable
+        if only is not None:  # e.g. `rawdrill`: only the results' digits, the response's rest always visible
+            maskable[b, len(p):] = False
+            maskable[b, len(p):len(p) + len(ex.target)] = only(ex.target)
+    return tokens, prompt_len, valid_len, maskable
 
 
 def is_aux_step(tc: TrainConfig, step: int) -> bool:
@@ -217,10 +226,11 @@ def train_forward(params, cfg: ModelConfig, tokens_BxT, key_valid_BxT):
     return tf._head(params, cfg, x)
 
 
-def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float = 0.0):
+def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float = 0.0, maskable=None):
     """The masked positions [B, T] and each row's masking ratio t [B] of one training step: response positions
-    (prompt_len <= pos < valid_len) masked independently with probability t (LLaDA), or, in a `suffix_frac` share of
-    the rows, every response position from a cut point on, the cut leaving round(t * response length) masked."""
+    (prompt_len <= pos < valid_len, and `maskable` [B, T] where given) masked independently with probability t
+    (LLaDA), or, in a `suffix_frac` share of the rows, every response position from a cut point on, the cut leaving
+    round(t * response length) masked."""
     B = prompt_len.shape[0]
     k_t, k_p, k_m = jax.random.split(key, 3)
     u = (jnp.arange(B, dtype=jnp.float32) + jax.random.uniform(k_t, (B,))) / B  # stratified U(0, 1)
@@ -228,6 +238,8 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     valid = pos < valid_len[:, None]
     resp = (pos >= prompt_len[:, None]) & valid
+    if maskable is not None:
+        resp = resp & maskable
     masked = (jax.random.uniform(k_m, (B, T)) < t[:, None]) & resp
     if suffix_frac > 0:  # its own key: plain rows draw exactly what they drew without the option
         resp_len = (valid_len - prompt_len).astype(jnp.float32)
@@ -237,13 +249,17 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
     return masked, t
 
 
-def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3, suffix_frac=0.0):
-    """LLaDA SFT masked-diffusion loss (`noise_mask`). Returns (loss, metrics)."""
+def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3, suffix_frac=0.0,
+                   maskable=None):
+    """LLaDA SFT masked-diffusion loss (`noise_mask`), normalised by each row's maskable length. Returns
+    (loss, metrics)."""
     B, T = tokens.shape
-    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac)
+    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac, maskable)
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     valid = pos < valid_len[:, None]
     resp = (pos >= prompt_len[:, None]) & valid
+    if maskable is not None:
+        resp = resp & maskable
     noisy = jnp.where(masked, cfg.mask_token_id, tokens)
     logits = train_forward(params, cfg, noisy, valid)
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -290,9 +306,9 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
     import optax
 
     @partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, tokens, prompt_len, valid_len, key):
+    def train_step(params, opt_state, tokens, prompt_len, valid_len, maskable, key):
         (_, metrics), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac)
+            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac, maskable)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -315,8 +331,8 @@ def eval_loss(params, cfg: ModelConfig, tc: TrainConfig, n_batches: int = 2, ste
     mix = dataclasses.replace(tc, aux_task="")  # the task mixture only
     out = []
     for i in range(n_batches):
-        tokens, pl, vl = make_batch(mix, step0 + i, tok, split="heldout")
-        loss, _ = fn(params, cfg, tokens, pl, vl, step_key(tc, step0 + i), eps=tc.eps)
+        tokens, pl, vl, mk = make_batch(mix, step0 + i, tok, split="heldout")
+        loss, _ = fn(params, cfg, tokens, pl, vl, step_key(tc, step0 + i), eps=tc.eps, maskable=mk)
         out.append(float(loss))
     return float(np.mean(out))
 
@@ -521,8 +537,8 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
     m = last_aux = None
     try:
         for step in range(start, end):
-            tokens, pl, vl = make_batch(tc, step, tok)
-            params, opt_state, m_step = train_step(params, opt_state, tokens, pl, vl, step_key(tc, step))
+            tokens, pl, vl, mk = make_batch(tc, step, tok)
+            params, opt_state, m_step = train_step(params, opt_state, tokens, pl, vl, mk, step_key(tc, step))
             if is_aux_step(tc, step):
                 last_aux = m_step
             else:

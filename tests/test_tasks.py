@@ -227,6 +227,8 @@ def test_arith_probe_masks_the_right_span():
     cfg = train.model_config(train.get_preset("tiny"))
     r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, "arith", 4, mask_rest=True)
     assert r["n"] == 4 and 0.0 <= r["units_digit"] <= 1.0 and 0.0 <= r["result_exact"] <= r["units_digit"]
+    r = arith_probe.place_probe(init_params(cfg, jax.random.key(0)), cfg, 4, 64, 3)
+    assert r["n"] == 4 and 0.0 <= r["result_exact"] <= r["units_digit"] <= 1.0
     for task in ("sums", "rawsums"):
         r = arith_probe.probe(init_params(cfg, jax.random.key(0)), cfg, task, 4, mask_rest=True)
         assert r["n"] == 4 and 0.0 <= r["result_exact"] <= r["units_digit"] <= 1.0

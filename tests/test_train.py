@@ -39,8 +39,8 @@ def test_model_config_from_tokenizer():
 def test_make_batch_layout_and_determinism():
     tc = train.PRESETS["tiny"]
     tok = CharTokenizer()
-    t1, p1, v1 = train.make_batch(tc, 5, tok)
-    t2, p2, v2 = train.make_batch(tc, 5, tok)
+    t1, p1, v1, _ = train.make_batch(tc, 5, tok)
+    t2, p2, v2, _ = train.make_batch(tc, 5, tok)
     assert np.array_equal(t1, t2) and np.array_equal(p1, p2) and np.array_equal(v1, v2)
     assert not np.array_equal(t1, train.make_batch(tc, 6, tok)[0])
     assert t1.shape == (tc.batch_size, tc.seq_len)
@@ -57,7 +57,7 @@ def test_aux_steps_train_dense_sums(tmp_path):
     base = dataclasses.replace(train.PRESETS["tiny"], steps=4, ckpt_every=2, log_every=2)
     tc = dataclasses.replace(base, aux_task="sums", aux_every=2, aux_batch=16, aux_seq=16)
     for step in range(4):
-        t, p, v = train.make_batch(tc, step, tok)
+        t, p, v, _ = train.make_batch(tc, step, tok)
         if step % 2 == 1:
             assert train.is_aux_step(tc, step) and t.shape == (16, 16) and (p == 12).all() and (v == 16).all()
             for row in t:  # '<bos><user>047+038=<eot><assistant>085<eos>': the three result digits are the sum
@@ -70,19 +70,52 @@ def test_aux_steps_train_dense_sums(tmp_path):
                 assert np.array_equal(x, y)
     assert "cont5" in train.PRESETS and train.PRESETS["cont5"].aux_task == "sums"
     raw = dataclasses.replace(tc, aux_task="rawsums")
-    t, p, _ = train.make_batch(raw, 1, tok)  # no chat template: '<bos>047+038=085<eos>', the chain line's offsets
+    t, p, _, _ = train.make_batch(raw, 1, tok)  # no chat template: '<bos>047+038=085<eos>', the chain line's offsets
     assert (p == 9).all() and (t[:, 0] == tok.bos_id).all() and not (t == tok.assistant_id).any()
     for row in t:
         text = tok.decode(row[1:12].tolist())
         a, op, b = int(text[:3]), text[3], int(text[4:7])
         assert text[7] == "=" and text[8:11] == f"{a + b if op == '+' else a - b:03d}" and row[12] == tok.eos_id
-    assert train.PRESETS["cont6"].aux_task == "rawsums" and dict(train.PRESETS["cont6"].task_weights)["ask"] > 0
+    assert dict(train.PRESETS["cont6"].task_weights)["ask"] > 0
     r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
     assert r["step"] == 4 and all("aux_loss" in h and np.isfinite(h["aux_loss"]) for h in r["history"])
     for bad, msg in ((dict(aux_task="nope", aux_every=2), "unknown task"), (dict(aux_task="sums", aux_every=1),
                                                                             "aux_every >= 2")):
         with pytest.raises(ValueError, match=msg):
             train.train(base, work_dir=str(tmp_path / "bad"), progress=False, **bad)
+
+
+def test_rawdrill_rows_mask_only_the_results(tmp_path):
+    """`Task.maskable`: rawdrill rows (many sums, no prompt) may mask only the results' digits, so every masked
+    digit is computable; the other rows' maskable span is the plain response (prompt_len <= pos < valid_len), and
+    noise_mask/diffusion_loss never mask or score outside it."""
+    tok = CharTokenizer()
+    tc = dataclasses.replace(train.PRESETS["tiny"], aux_task="rawdrill", aux_every=2, aux_batch=8, aux_seq=160)
+    t, p, v, mk = train.make_batch(tc, 1, tok)
+    assert t.shape == (8, 160) and (p == 1).all() and (v == 160).all()
+    for row, m in zip(t, mk):
+        text = tok.decode(row.tolist())
+        lines = text.split("\n")
+        assert 6 <= len(lines) <= 12 and m.sum() == 3 * len(lines)
+        got = "".join(tok.decode([x]) for x in row[m])
+        assert got == "".join(ln[8:11] for ln in lines)
+        for ln in lines:
+            a, op, b, r = int(ln[:3]), ln[3], int(ln[4:7]), int(ln[8:11])
+            assert (a + b if op == "+" else a - b) == r
+    t0, p0, v0, mk0 = train.make_batch(tc, 0, tok)  # a mixture step: the plain response span
+    pos = np.arange(t0.shape[1])[None]
+    assert np.array_equal(mk0, (pos >= p0[:, None]) & (pos < v0[:, None]))
+    key = jax.random.key(3)
+    masked, _ = train.noise_mask(key, 160, jnp.asarray(p), jnp.asarray(v), maskable=jnp.asarray(mk))
+    assert not np.asarray(masked)[~mk].any() and np.asarray(masked).any()
+    cfg = train.model_config(tc)
+    params = transformer.init_params(cfg, jax.random.key(0))
+    l1, m1 = train.diffusion_loss(params, cfg, t, p, v, key, maskable=mk)
+    l0, _ = train.diffusion_loss(params, cfg, t, p, v, key)  # the whole response maskable: another loss
+    assert np.isfinite(float(l1)) and float(l1) != float(l0)
+    r = train.train(dataclasses.replace(tc, steps=2, ckpt_every=2, log_every=1), work_dir=str(tmp_path / "w"),
+                    progress=False)
+    assert r["step"] == 2 and np.isfinite(r["history"][-1]["aux_loss"])
 
 
 def test_train_forward_matches_inference_forward():
@@ -99,7 +132,7 @@ def test_loss_masks_response_only():
     tc = train.PRESETS["tiny"]
     cfg = train.model_config(tc)
     params = transformer.init_params(cfg, jax.random.key(0))
-    tokens, pl, vl = train.make_batch(tc, 0, CharTokenizer())
+    tokens, pl, vl, _ = train.make_batch(tc, 0, CharTokenizer())
     loss, m = train.diffusion_loss(params, cfg, tokens, pl, vl, jax.random.key(0))
     assert np.isfinite(float(loss)) and 0 < float(m["masked_ce"]) < 2 * np.log(cfg.vocab_size)
     # changing the prompt of the targets never changes which tokens are scored: loss is over the response only
@@ -134,7 +167,7 @@ def test_suffix_masking():
     tc = train.PRESETS["tiny"]
     cfg = train.model_config(tc)
     params = transformer.init_params(cfg, jax.random.key(0))
-    tokens, p, v = train.make_batch(tc, 0, CharTokenizer())
+    tokens, p, v, _ = train.make_batch(tc, 0, CharTokenizer())
     loss, _ = train.diffusion_loss(params, cfg, tokens, p, v, key, suffix_frac=0.5)
     assert np.isfinite(float(loss))
 

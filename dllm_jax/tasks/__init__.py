@@ -44,6 +44,7 @@ class Task:
     max_target_chars: int
     chat: bool = True  # training rows wrap the prompt in the chat template; False: <|bos|> + the raw prompt
     split_as: str = ""  # the task whose split the problem keys follow (default: this task's own)
+    maskable: Callable | None = None  # (target) -> per character, whether training may mask it (None: all)
 
 
 def _task(m) -> Task:
@@ -64,6 +65,9 @@ TRAIN_ONLY["rawsums"] = Task("rawsums", drill.DESCRIPTION_RAWSUM, drill.make_sum
 # one result of an `arith` chain, with the problem and the chain before it as the prompt (arith's split)
 TRAIN_ONLY["chainstep"] = Task("chainstep", drill.DESCRIPTION_CHAINSTEP, drill.make_chainstep, drill.extract_sum,
                                170, 3, chat=False, split_as="arith")
+# many sums a row, at positions all over the buffer, only the results maskable
+TRAIN_ONLY["rawdrill"] = Task("rawdrill", drill.DESCRIPTION_RAWDRILL, drill.make_rawdrill, drill.extract, 0, 143,
+                              chat=False, maskable=drill.rawdrill_maskable)
 TRAIN_ONLY["ask"] = Task("ask", drill.DESCRIPTION_ASK, drill.make_ask, arith.extract, 20, 20)
 
 

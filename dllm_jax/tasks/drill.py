@@ -30,6 +30,7 @@ DESCRIPTION_SUM = "one zero-padded sum or difference (training only): 047+038= -
 DESCRIPTION_RAWSUM = "one zero-padded sum or difference, no chat template (training only): <|bos|>047+038=085"
 DESCRIPTION_CHAINSTEP = "one +/- result of an arith chain, the problem and the chain before it as the prompt " \
     "(training only)"
+DESCRIPTION_RAWDRILL = "6-12 zero-padded sums, one a line, no prompt; only the results are masked (training only)"
 DESCRIPTION_ASK = "a bare question (training only): What is 12 + 35? -> 012+035=047 / #### 47"
 TOTAL_MAX = 199
 
@@ -105,6 +106,26 @@ def make_chainstep(rng):
 
 
 _PADDED = re.compile(r"\d{3}[+-]\d{3}=\d{3}")
+
+
+def make_rawdrill(rng):
+    """6-12 independent zero-padded sums and differences, one a line, no prompt and no chat template
+    (`<|bos|>047+038=085\n163-025=138\n...`); with `rawdrill_maskable` only the results' digits are ever masked,
+    so every masked digit is computable from visible operands and each row supervises up to 12 sums at positions
+    all over the 160-token buffer. (`sums` rows, always at the same place in a 16-token buffer, taught run 8 a sum
+    circuit that fails once the equation sits elsewhere or the buffer is longer: docs/default_model.md.)"""
+    eqs, keys = [], []
+    for _ in range(int(rng.integers(6, 13))):
+        eq, _, res, key = make_sum(rng)
+        eqs.append(eq + res)
+        keys.append(key)
+    last = eqs[-1]
+    return "", str(int(last[-3:])), "\n".join(eqs), ",".join(keys)
+
+
+def rawdrill_maskable(target: str) -> list[bool]:
+    """Per character of a `rawdrill` target: True on the results' digits (offsets 8-10 of each 12-character line)."""
+    return [i % 12 in (8, 9, 10) for i in range(len(target))]
 
 
 def extract_sum(text: str):

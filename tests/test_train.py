@@ -102,6 +102,11 @@ def test_rawdrill_rows_mask_only_the_results(tmp_path):
         for ln in lines:
             a, op, b, r = int(ln[:3]), ln[3], int(ln[4:7]), int(ln[8:11])
             assert (a + b if op == "+" else a - b) == r
+    cs = dataclasses.replace(tc, task_weights=(("chainstep", 1.0),))  # the rest of the canvas masked, unscored
+    tc_, pc, vc, mc = train.make_batch(cs, 0, tok)
+    for row, pl, m in zip(tc_, pc, mc):
+        assert np.flatnonzero(m).tolist() == [pl, pl + 1, pl + 2] and (row[pl + 3:] == tok.mask_id).all()
+        assert tok.eos_id not in row.tolist() and tok.mask_id not in row[:pl + 3].tolist()
     t0, p0, v0, mk0 = train.make_batch(tc, 0, tok)  # a mixture step: the plain response span
     pos = np.arange(t0.shape[1])[None]
     assert np.array_equal(mk0, (pos >= p0[:, None]) & (pos < v0[:, None]))

@@ -45,6 +45,9 @@ class Task:
     chat: bool = True  # training rows wrap the prompt in the chat template; False: <|bos|> + the raw prompt
     split_as: str = ""  # the task whose split the problem keys follow (default: this task's own)
     maskable: Callable | None = None  # (target) -> per character, whether training may mask it (None: all)
+    # training rows continue after the target with <|mask|> (visible, never scored, no EOS) instead of EOS padding:
+    # the row looks like a canvas mid-decoding, with the rest still to come (`chainstep`)
+    mask_after: bool = False
 
 
 def _task(m) -> Task:
@@ -64,7 +67,7 @@ TRAIN_ONLY["rawsums"] = Task("rawsums", drill.DESCRIPTION_RAWSUM, drill.make_sum
                              chat=False)
 # one result of an `arith` chain, with the problem and the chain before it as the prompt (arith's split)
 TRAIN_ONLY["chainstep"] = Task("chainstep", drill.DESCRIPTION_CHAINSTEP, drill.make_chainstep, drill.extract_sum,
-                               170, 3, chat=False, split_as="arith")
+                               170, 3, chat=False, split_as="arith", mask_after=True)
 # many sums a row, at positions all over the buffer, only the results maskable
 TRAIN_ONLY["rawdrill"] = Task("rawdrill", drill.DESCRIPTION_RAWDRILL, drill.make_rawdrill, drill.extract, 0, 143,
                               chat=False, maskable=drill.rawdrill_maskable)

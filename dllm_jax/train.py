@@ -134,6 +134,13 @@ PRESETS = {
                          seed=6, task_weights=(("arith", 0.25), ("chainstep", 0.15), ("ask", 0.05), ("code", 0.25),
                                                ("sort", 0.30)),
                          aux_task="rawdrill", aux_every=2, aux_batch=64, aux_seq=160),
+    # seventh continuation (session 7): from run 9, whose generations at its peak learning rate miscounted (sort
+    # 1 %, n = 100, step 800) while its chain results were right teacher-forced: a short low-lr polish with the same
+    # rows, the dense sums on every 4th step only (a balanced 600-step pilot at 5e-4 from run 8 sorted 77 %)
+    "cont7": TrainConfig(name="cont7", n_layers=6, steps=600, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                         seed=8, task_weights=(("arith", 0.25), ("chainstep", 0.15), ("ask", 0.05), ("code", 0.25),
+                                               ("sort", 0.30)),
+                         aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

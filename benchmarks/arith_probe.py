@@ -63,21 +63,31 @@ def load_params(a):
     return m.params, m.cfg, a.model or "embedded default model"
 
 
-def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> dict:
-    """`buf`: the canvas (masks after the row); `sums` rows use their 16-token training buffer (`cont5`'s aux_seq),
-    where the result is followed by EOS."""
+SINGLE = ("sums", "rawsums")  # one equation a row: the whole response is the result, in a 16-token buffer
+
+
+def _forward(cfg):
     import jax
     import jax.numpy as jnp
 
-    from dllm_jax import tasks
     from dllm_jax.models import transformer as tf
+
+    return jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
+
+
+def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> dict:
+    """`buf`: the canvas (masks after the row); `sums` rows use their 16-token training buffer (`cont5`'s aux_seq),
+    where the result is followed by EOS."""
+    import jax.numpy as jnp
+
+    from dllm_jax import tasks
     from dllm_jax.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
-    fwd = jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
+    fwd = _forward(cfg)
     full = units = total = 0
     for e in tasks.generate(task, "heldout", n, 0):
-        span = (0, len(e.target)) if task in ("sums", "rawsums") else first_sum_span(e.target)  # sums: the whole response
+        span = (0, len(e.target)) if task in SINGLE else first_sum_span(e.target)
         if span is None:
             continue
         s, k = span
@@ -89,7 +99,7 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
             x[P + s:] = cfg.mask_token_id
         else:
             x[P + s:P + s + k] = cfg.mask_token_id
-        if task in ("sums", "rawsums"):
+        if task in SINGLE:
             x = np.concatenate([x, np.full(16 - len(x), cfg.eos_token_id, np.int32)])
         else:
             x = np.concatenate([x, np.full(buf - len(x), cfg.mask_token_id, np.int32)])  # one compiled shape
@@ -102,15 +112,13 @@ def probe(params, cfg, task: str, n: int, mask_rest: bool, buf: int = 160) -> di
 def place_probe(params, cfg, n: int, buf: int, k: int) -> dict:
     """Is the sum circuit bound to a place? `rawsums` rows (`<|bos|>047+038=085<|eos|>`) after `k` visible
     independent equations, in a `buf`-token buffer (EOS after the row); the result masked."""
-    import jax
     import jax.numpy as jnp
 
     from dllm_jax import tasks
-    from dllm_jax.models import transformer as tf
     from dllm_jax.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
-    fwd = jax.jit(lambda p, x: tf.forward(p, cfg, x, jnp.arange(x.shape[1])[None], jnp.ones_like(x, bool))[0])
+    fwd = _forward(cfg)
     fill = tasks.generate("rawsums", "train", n + k, 1)
     full = units = 0
     for i, e in enumerate(tasks.generate("rawsums", "heldout", n, 0)):
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     for task in a.tasks.split(","):
         for mask_rest, label in ((True, "result and everything after it masked"),
                                  (False, "only the result masked (copy route open)")):
-            if task in ("sums", "rawsums") and not mask_rest:
+            if task in SINGLE and not mask_rest:
                 continue  # one equation: nothing follows the result
             r = probe(params, cfg, task, a.n, mask_rest)
             print(f"  {task:8s} {label:42s} exact {r['result_exact'] * 100:5.1f} %   units digit "

@@ -177,6 +177,37 @@ def test_suffix_masking():
     assert np.isfinite(float(loss))
 
 
+def test_suffix_masking_of_chosen_tasks_only(tmp_path):
+    """suffix_tasks: only rows of those tasks may be suffix-masked (`suffix_rows` follows the batch's own task
+    draw); the other rows keep exactly their token-by-token masks; the config round-trips; a task outside the
+    mixture is refused; a run trains with it."""
+    tok = CharTokenizer()
+    tc = dataclasses.replace(train.PRESETS["tiny"], batch_size=48, steps=2, ckpt_every=2, log_every=1,
+                             suffix_frac=1.0, suffix_tasks=("sort",))
+    tokens, pl, vl, mk = train.make_batch(tc, 3, tok)
+    ok = train.suffix_rows(tc, 3)
+    text = [tok.decode(r[:p].tolist()) for r, p in zip(tokens, pl)]  # decode stops at EOS: the prompt holds none
+    assert ok.dtype == bool and ok.shape == (48,) and 5 < ok.sum() < 43
+    assert all(("Sort the digits" in t) == o for t, o in zip(text, ok))
+    assert train.suffix_rows(dataclasses.replace(tc, suffix_tasks=()), 3).all()
+    key = jax.random.key(5)
+    args = (key, tokens.shape[1], jnp.asarray(pl), jnp.asarray(vl))
+    plain, _ = train.noise_mask(*args, maskable=jnp.asarray(mk))
+    allsuf, _ = train.noise_mask(*args, suffix_frac=1.0, maskable=jnp.asarray(mk))
+    chosen, _ = train.noise_mask(*args, suffix_frac=1.0, maskable=jnp.asarray(mk), suffix_ok=jnp.asarray(ok))
+    plain, allsuf, chosen = map(np.asarray, (plain, allsuf, chosen))
+    np.testing.assert_array_equal(chosen[ok], allsuf[ok])
+    np.testing.assert_array_equal(chosen[~ok], plain[~ok])
+    assert not np.array_equal(chosen, plain) and not np.array_equal(chosen, allsuf)
+    assert train.TrainConfig.from_dict(json.loads(json.dumps(tc.to_dict()))) == tc
+    assert train.PRESETS["cont9"].suffix_tasks == ("arith",)
+    with pytest.raises(ValueError, match=r"suffix_tasks \['nope'\] are not in the task mixture"):
+        train.train(tc, work_dir=str(tmp_path / "bad"), progress=False, suffix_tasks=("nope",))
+    assert not (tmp_path / "bad").exists()
+    r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
+    assert r["step"] == 2 and all(np.isfinite(h["loss"]) for h in r["history"])
+
+
 def test_tiny_trains_and_loss_decreases(tiny_run):
     root, out, res = tiny_run
     tc = res["train_config"]

@@ -69,6 +69,8 @@ class TrainConfig:
     # left-to-right noise on the chains, whose later results cannot be known before the earlier ones, while the
     # other tasks keep the plain masks
     suffix_tasks: tuple = ()
+    # tasks' `ties` honoured: a result and its later copies masked together (`arith.ties`); False = independent
+    tied_noise: bool = False
     # dense auxiliary steps: every `aux_every`-th step (step % aux_every == aux_every - 1) trains on a batch of
     # `aux_batch` short rows of `aux_task` in an `aux_seq`-token buffer instead of the task mixture (e.g. `sums`:
     # hundreds of single equations per step, which the long mixture rows cannot hold); 0 = off
@@ -185,8 +187,9 @@ def model_config(tc: TrainConfig, tok: CharTokenizer | None = None) -> ModelConf
 
 # ---------------------------------------------------------------- data
 def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "train"):
-    """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy) and maskable [B, T] (bool:
-    the positions the noise may mask, prompt_len <= pos < valid_len, narrowed by a task's `Task.maskable`),
+    """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy), maskable [B, T] (bool:
+    the positions the noise may mask, prompt_len <= pos < valid_len, narrowed by a task's `Task.maskable`) and tie
+    [B, T] (int32: the position whose noise draw each position shares, `Task.ties`; its own elsewhere),
     deterministic."""
     rng, names, choice, T, end_frac = _batch_plan(tc, step)
     B = len(choice)
@@ -194,6 +197,7 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
     prompt_len = np.zeros(B, np.int32)
     valid_len = np.full(B, T, np.int32)
     maskable = np.zeros((B, T), bool)
+    tie = np.tile(np.arange(T, dtype=np.int32), (B, 1))
     for b in range(B):
         for _ in range(100):  # redraw the (rare) examples that do not fit the buffer
             ex = tasks_mod.sample(names[choice[b]], rng, split)
@@ -213,10 +217,12 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
         if task.maskable is not None:  # e.g. `rawdrill`: only the results' digits, the response's rest always visible
             maskable[b, len(p):] = False
             maskable[b, len(p):len(p) + len(ex.target)] = task.maskable(ex.target)
+        if task.ties is not None:  # `arith`: a result and its later copies masked together
+            tie[b, len(p):len(p) + len(ex.target)] = len(p) + np.asarray(task.ties(ex.target), np.int32)
         if task.mask_after:  # `chainstep`: the rest of the canvas is still masked, as when decoding; not scored
             tokens[b, len(p) + len(r):] = tok.mask_id
             maskable[b, len(p) + len(r):] = False
-    return tokens, prompt_len, valid_len, maskable
+    return tokens, prompt_len, valid_len, maskable, tie
 
 
 def _batch_plan(tc: TrainConfig, step: int):
@@ -271,11 +277,12 @@ def train_forward(params, cfg: ModelConfig, tokens_BxT, key_valid_BxT):
 
 
 def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float = 0.0, maskable=None,
-               suffix_ok=None):
+               suffix_ok=None, tie=None):
     """The masked positions [B, T] and each row's masking ratio t [B] of one training step: response positions
     (prompt_len <= pos < valid_len, and `maskable` [B, T] where given) masked independently with probability t
     (LLaDA), or, in a `suffix_frac` share of the rows, every response position from a cut point on, the cut leaving
-    round(t * response length) masked; `suffix_ok` [B] bool (`suffix_rows`) limits the suffix rows to those."""
+    round(t * response length) masked; `suffix_ok` [B] bool (`suffix_rows`) limits the suffix rows to those;
+    `tie` [B, T] (`make_batch`) makes positions share a draw."""
     B = prompt_len.shape[0]
     k_t, k_p, k_m = jax.random.split(key, 3)
     u = (jnp.arange(B, dtype=jnp.float32) + jax.random.uniform(k_t, (B,))) / B  # stratified U(0, 1)
@@ -285,7 +292,10 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
     resp = (pos >= prompt_len[:, None]) & valid
     if maskable is not None:
         resp = resp & maskable
-    masked = (jax.random.uniform(k_m, (B, T)) < t[:, None]) & resp
+    u = jax.random.uniform(k_m, (B, T))
+    if tie is not None:
+        u = jnp.take_along_axis(u, tie, axis=1)
+    masked = (u < t[:, None]) & resp
     if suffix_frac > 0:  # its own key: plain rows draw exactly what they drew without the option
         resp_len = (valid_len - prompt_len).astype(jnp.float32)
         cut = valid_len - jnp.maximum(jnp.round(t * resp_len), 1.0).astype(jnp.int32)
@@ -297,11 +307,11 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
 
 
 def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3, suffix_frac=0.0,
-                   maskable=None, suffix_ok=None):
+                   maskable=None, suffix_ok=None, tie=None):
     """LLaDA SFT masked-diffusion loss (`noise_mask`), normalised by each row's maskable length. Returns
     (loss, metrics)."""
     B, T = tokens.shape
-    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac, maskable, suffix_ok)
+    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac, maskable, suffix_ok, tie)
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     valid = pos < valid_len[:, None]
     resp = (pos >= prompt_len[:, None]) & valid
@@ -346,16 +356,16 @@ def _cached_train_step(cfg: ModelConfig, tc: TrainConfig):
 def _step_fn_key(tc: TrainConfig) -> TrainConfig:
     """The fields the jitted step depends on (others zeroed so runs differing only in them share a compile)."""
     return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0,
-                               init_from="", aux_task="", aux_every=0, aux_batch=0, aux_seq=0, suffix_tasks=())
+                               init_from="", aux_task="", aux_every=0, aux_batch=0, aux_seq=0, suffix_tasks=(), tied_noise=False)
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
     import optax
 
     @partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, tokens, prompt_len, valid_len, maskable, key, suffix_ok=None):
+    def train_step(params, opt_state, tokens, prompt_len, valid_len, maskable, key, suffix_ok=None, tie=None):
         (_, metrics), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac, maskable, suffix_ok)
+            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac, maskable, suffix_ok, tie)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -378,7 +388,7 @@ def eval_loss(params, cfg: ModelConfig, tc: TrainConfig, n_batches: int = 2, ste
     mix = dataclasses.replace(tc, aux_task="")  # the task mixture only
     out = []
     for i in range(n_batches):
-        tokens, pl, vl, mk = make_batch(mix, step0 + i, tok, split="heldout")
+        tokens, pl, vl, mk, _ = make_batch(mix, step0 + i, tok, split="heldout")
         loss, _ = fn(params, cfg, tokens, pl, vl, step_key(tc, step0 + i), eps=tc.eps, maskable=mk)
         out.append(float(loss))
     return float(np.mean(out))
@@ -588,9 +598,11 @@ def train(preset="default", out_dir: str | None = None, steps: int | None = None
     m = last_aux = None
     try:
         for step in range(start, end):
-            tokens, pl, vl, mk = make_batch(tc, step, tok)
+            tokens, pl, vl, mk, tie = make_batch(tc, step, tok)
             sok = suffix_rows(tc, step) if tc.suffix_frac > 0 and tc.suffix_tasks else None
-            params, opt_state, m_step = train_step(params, opt_state, tokens, pl, vl, mk, step_key(tc, step), sok)
+            tie = tie if tc.tied_noise else None
+            params, opt_state, m_step = train_step(params, opt_state, tokens, pl, vl, mk, step_key(tc, step), sok,
+                                                   tie)
             if is_aux_step(tc, step):
                 last_aux = m_step
             else:

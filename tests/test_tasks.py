@@ -56,6 +56,9 @@ def test_score_target_and_failures(task):
     else:
         wrong = ex.target[:-1]
     assert not tasks.score(task, wrong, ex)
+    if task == "arith":  # the number is scored, padded or not (answer_width=0 writes the plain `#### 74`)
+        assert tasks.score(task, re.sub(r"#### 0*(\d)", r"#### \1", ex.target), ex)
+        assert tasks.score(task, ex.target.replace("#### ", "#### 0"), ex)
 
 
 def _value(expr: str) -> int:
@@ -72,16 +75,17 @@ def test_arith_chain_is_correct():
             assert _value(lhs) == int(rhs) and 0 <= int(rhs) <= 199
             # sums and differences zero-padded to 3 digits (fixed digit offsets), products plain
             assert re.fullmatch(r"\d{3}[+-]\d{3}=\d{3}" if "*" not in ln else r"\d\*\d=\d{1,2}", ln), ln
-        assert lines[-1] == f"#### {ex.answer}"
+        assert lines[-1] == f"#### {int(ex.answer):03d}" and ex.answer == str(int(ex.answer))  # padded, plain
         assert int(lines[-2].split("=")[1]) == int(ex.answer)
     # carries and borrows occur
     adds = [ln for ex in tasks.generate("arith", "train", 200, seed=0) for ln in ex.target.split("\n") if "+" in ln]
     assert any(int(a.split("+")[0]) % 10 + int(a.split("+")[1].split("=")[0]) % 10 >= 10 for a in adds)
-    # width=0 is the same problem with the plain chain of earlier sessions
+    # width=0, answer_width=0 is the same problem with the plain chain of earlier sessions
     from dllm_jax.tasks import arith
 
     for i in range(50):
-        padded, plain = arith.make(np.random.default_rng(i)), arith.make(np.random.default_rng(i), width=0)
+        padded = arith.make(np.random.default_rng(i))
+        plain = arith.make(np.random.default_rng(i), width=0, answer_width=0)
         assert padded[:2] == plain[:2] and padded[3] == plain[3]
         assert re.sub(r"\b0+(\d)", r"\1", padded[2]) == plain[2]
 
@@ -177,7 +181,7 @@ def test_sums_and_ask_are_training_only_and_correct():
     for ex in tasks.generate("ask", "train", 300, seed=1):
         m = re.fullmatch(r"What is (\d+) ([+-]) (\d+)\?", ex.prompt)
         r = int(m[1]) + int(m[3]) if m[2] == "+" else int(m[1]) - int(m[3])
-        assert ex.target == f"{int(m[1]):03d}{m[2]}{int(m[3]):03d}={r:03d}\n#### {r}"
+        assert ex.target == f"{int(m[1]):03d}{m[2]}{int(m[3]):03d}={r:03d}\n#### {r:03d}"
         assert tasks.score("ask", ex.target, ex)
         assert len(ex.prompt) <= tasks.get_task("ask").max_prompt_chars
         assert len(ex.target) <= tasks.get_task("ask").max_target_chars

@@ -39,8 +39,8 @@ def test_model_config_from_tokenizer():
 def test_make_batch_layout_and_determinism():
     tc = train.PRESETS["tiny"]
     tok = CharTokenizer()
-    t1, p1, v1, _ = train.make_batch(tc, 5, tok)
-    t2, p2, v2, _ = train.make_batch(tc, 5, tok)
+    t1, p1, v1, _, _ = train.make_batch(tc, 5, tok)
+    t2, p2, v2, _, _ = train.make_batch(tc, 5, tok)
     assert np.array_equal(t1, t2) and np.array_equal(p1, p2) and np.array_equal(v1, v2)
     assert not np.array_equal(t1, train.make_batch(tc, 6, tok)[0])
     assert t1.shape == (tc.batch_size, tc.seq_len)
@@ -57,7 +57,7 @@ def test_aux_steps_train_dense_sums(tmp_path):
     base = dataclasses.replace(train.PRESETS["tiny"], steps=4, ckpt_every=2, log_every=2)
     tc = dataclasses.replace(base, aux_task="sums", aux_every=2, aux_batch=16, aux_seq=16)
     for step in range(4):
-        t, p, v, _ = train.make_batch(tc, step, tok)
+        t, p, v, _, _ = train.make_batch(tc, step, tok)
         if step % 2 == 1:
             assert train.is_aux_step(tc, step) and t.shape == (16, 16) and (p == 12).all() and (v == 16).all()
             for row in t:  # '<bos><user>047+038=<eot><assistant>085<eos>': the three result digits are the sum
@@ -70,7 +70,7 @@ def test_aux_steps_train_dense_sums(tmp_path):
                 assert np.array_equal(x, y)
     assert "cont5" in train.PRESETS and train.PRESETS["cont5"].aux_task == "sums"
     raw = dataclasses.replace(tc, aux_task="rawsums")
-    t, p, _, _ = train.make_batch(raw, 1, tok)  # no chat template: '<bos>047+038=085<eos>', the chain line's offsets
+    t, p, _, _, _ = train.make_batch(raw, 1, tok)  # no chat template: '<bos>047+038=085<eos>', the chain line's offsets
     assert (p == 9).all() and (t[:, 0] == tok.bos_id).all() and not (t == tok.assistant_id).any()
     for row in t:
         text = tok.decode(row[1:12].tolist())
@@ -91,7 +91,7 @@ def test_rawdrill_rows_mask_only_the_results(tmp_path):
     noise_mask/diffusion_loss never mask or score outside it."""
     tok = CharTokenizer()
     tc = dataclasses.replace(train.PRESETS["tiny"], aux_task="rawdrill", aux_every=2, aux_batch=8, aux_seq=160)
-    t, p, v, mk = train.make_batch(tc, 1, tok)
+    t, p, v, mk, _ = train.make_batch(tc, 1, tok)
     assert t.shape == (8, 160) and (p == 1).all() and (v == 160).all()
     for row, m in zip(t, mk):
         text = tok.decode(row.tolist())
@@ -103,11 +103,11 @@ def test_rawdrill_rows_mask_only_the_results(tmp_path):
             a, op, b, r = int(ln[:3]), ln[3], int(ln[4:7]), int(ln[8:11])
             assert (a + b if op == "+" else a - b) == r
     cs = dataclasses.replace(tc, task_weights=(("chainstep", 1.0),))  # the rest of the canvas masked, unscored
-    tc_, pc, vc, mc = train.make_batch(cs, 0, tok)
+    tc_, pc, vc, mc, _ = train.make_batch(cs, 0, tok)
     for row, pl, m in zip(tc_, pc, mc):
         assert np.flatnonzero(m).tolist() == [pl, pl + 1, pl + 2] and (row[pl + 3:] == tok.mask_id).all()
         assert tok.eos_id not in row.tolist() and tok.mask_id not in row[:pl + 3].tolist()
-    t0, p0, v0, mk0 = train.make_batch(tc, 0, tok)  # a mixture step: the plain response span
+    t0, p0, v0, mk0, _ = train.make_batch(tc, 0, tok)  # a mixture step: the plain response span
     pos = np.arange(t0.shape[1])[None]
     assert np.array_equal(mk0, (pos >= p0[:, None]) & (pos < v0[:, None]))
     key = jax.random.key(3)
@@ -137,7 +137,7 @@ def test_loss_masks_response_only():
     tc = train.PRESETS["tiny"]
     cfg = train.model_config(tc)
     params = transformer.init_params(cfg, jax.random.key(0))
-    tokens, pl, vl, _ = train.make_batch(tc, 0, CharTokenizer())
+    tokens, pl, vl, _, _ = train.make_batch(tc, 0, CharTokenizer())
     loss, m = train.diffusion_loss(params, cfg, tokens, pl, vl, jax.random.key(0))
     assert np.isfinite(float(loss)) and 0 < float(m["masked_ce"]) < 2 * np.log(cfg.vocab_size)
     # changing the prompt of the targets never changes which tokens are scored: loss is over the response only
@@ -172,7 +172,7 @@ def test_suffix_masking():
     tc = train.PRESETS["tiny"]
     cfg = train.model_config(tc)
     params = transformer.init_params(cfg, jax.random.key(0))
-    tokens, p, v, _ = train.make_batch(tc, 0, CharTokenizer())
+    tokens, p, v, _, _ = train.make_batch(tc, 0, CharTokenizer())
     loss, _ = train.diffusion_loss(params, cfg, tokens, p, v, key, suffix_frac=0.5)
     assert np.isfinite(float(loss))
 
@@ -184,7 +184,7 @@ def test_suffix_masking_of_chosen_tasks_only(tmp_path):
     tok = CharTokenizer()
     tc = dataclasses.replace(train.PRESETS["tiny"], batch_size=48, steps=2, ckpt_every=2, log_every=1,
                              suffix_frac=1.0, suffix_tasks=("sort",))
-    tokens, pl, vl, mk = train.make_batch(tc, 3, tok)
+    tokens, pl, vl, mk, _ = train.make_batch(tc, 3, tok)
     ok = train.suffix_rows(tc, 3)
     text = [tok.decode(r[:p].tolist()) for r, p in zip(tokens, pl)]  # decode stops at EOS: the prompt holds none
     assert ok.dtype == bool and ok.shape == (48,) and 5 < ok.sum() < 43
@@ -204,6 +204,43 @@ def test_suffix_masking_of_chosen_tasks_only(tmp_path):
     with pytest.raises(ValueError, match=r"suffix_tasks \['nope'\] are not in the task mixture"):
         train.train(tc, work_dir=str(tmp_path / "bad"), progress=False, suffix_tasks=("nope",))
     assert not (tmp_path / "bad").exists()
+    r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
+    assert r["step"] == 2 and all(np.isfinite(h["loss"]) for h in r["history"])
+
+
+def test_tied_noise_masks_a_result_with_its_copies(tmp_path):
+    """`arith.ties`: a result, the next line's operand that repeats it, a product reused as an operand and the
+    `#### answer` share one noise draw digit by digit (right-aligned), everything else draws its own; make_batch
+    lays the ties out at the rows' positions; noise_mask honours them (tied positions masked together, the rest
+    exactly as without ties); a run trains with `tied_noise`."""
+    from dllm_jax.tasks import arith
+
+    t = "095+016=111\n3*4=12\n111+012=123\n123+022=145\n#### 145"
+    src = arith.ties(t)
+    tied = {i: j for i, j in enumerate(src) if i != j}
+    assert tied == {19: 8, 20: 9, 21: 10, 24: 16, 25: 17, 31: 27, 32: 28, 33: 29, 48: 39, 49: 40, 50: 41}
+    assert all(t[i] == t[j] for i, j in tied.items())
+    tok = CharTokenizer()
+    tc = dataclasses.replace(train.PRESETS["tiny"], batch_size=32, steps=2, ckpt_every=2, log_every=1,
+                             task_weights=(("arith", 0.5), ("sort", 0.5)), tied_noise=True)
+    tokens, pl, vl, mk, tie = train.make_batch(tc, 0, tok)
+    T = tokens.shape[1]
+    moved = (tie != np.arange(T)[None]).sum(1)
+    for r in range(32):
+        if "Sort" in tok.decode(tokens[r, :pl[r]].tolist()):
+            assert moved[r] == 0
+        else:  # every chain has >= 2 equations: at least the answer is tied
+            assert moved[r] >= 3 and (tokens[r][tie[r]] == tokens[r]).all()
+    key = jax.random.key(2)
+    args = (key, T, jnp.asarray(pl), jnp.asarray(vl))
+    plain, _ = train.noise_mask(*args, maskable=jnp.asarray(mk))
+    tm, _ = train.noise_mask(*args, maskable=jnp.asarray(mk), tie=jnp.asarray(tie))
+    plain, tm = np.asarray(plain), np.asarray(tm)
+    free = tie == np.arange(T)[None]
+    np.testing.assert_array_equal(tm[free], plain[free])
+    rows, cols = np.nonzero(~free)
+    np.testing.assert_array_equal(tm[rows, cols], tm[rows, tie[rows, cols]])
+    assert not np.array_equal(tm, plain)
     r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
     assert r["step"] == 2 and all(np.isfinite(h["loss"]) for h in r["history"])
 

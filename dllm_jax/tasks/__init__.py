@@ -48,6 +48,9 @@ class Task:
     # training rows continue after the target with <|mask|> (visible, never scored, no EOS) instead of EOS padding:
     # the row looks like a canvas mid-decoding, with the rest still to come (`chainstep`)
     mask_after: bool = False
+    # (target) -> per character the index of the character whose noise draw it shares (masked together: a
+    # result and its copies, `arith.ties`); None: independent
+    ties: Callable | None = None
 
 
 def _task(m) -> Task:
@@ -55,6 +58,7 @@ def _task(m) -> Task:
 
 
 TASKS: dict[str, Task] = {m.NAME: _task(m) for m in (arith, code, sort)}  # the evaluation testbed
+TASKS["arith"] = dataclasses.replace(TASKS["arith"], ties=arith.ties)
 # training-only tasks: may appear in a training mixture's task weights, never in `list_tasks()` / evaluation
 TRAIN_ONLY: dict[str, Task] = {m.NAME: _task(m) for m in (drill,)}
 TRAIN_ONLY["drillpad"] = Task("drillpad", drill.DESCRIPTION_PADDED, drill.make_padded, drill.extract,

@@ -86,7 +86,7 @@ def make_ask(rng):
     (training only: the README's `dllm-jax generate "What is 12 + 35?"` form; `arith` stays word problems)."""
     eq, ans, res, key = make_sum(rng)  # eq '012+035=', res '047'
     a, op, b = int(eq[:3]), eq[3], int(eq[4:7])
-    return f"What is {a} {op} {b}?", ans, f"{eq}{res}\n#### {ans}", "q" + key
+    return f"What is {a} {op} {b}?", ans, f"{eq}{res}\n#### {res}", "q" + key
 
 
 def make_chainstep(rng):

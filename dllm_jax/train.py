@@ -356,7 +356,8 @@ def _cached_train_step(cfg: ModelConfig, tc: TrainConfig):
 def _step_fn_key(tc: TrainConfig) -> TrainConfig:
     """The fields the jitted step depends on (others zeroed so runs differing only in them share a compile)."""
     return dataclasses.replace(tc, name="", seed=0, task_weights=(), ckpt_every=1, log_every=1, random_end_frac=0.0,
-                               init_from="", aux_task="", aux_every=0, aux_batch=0, aux_seq=0, suffix_tasks=(), tied_noise=False)
+                               init_from="", aux_task="", aux_every=0, aux_batch=0, aux_seq=0, suffix_tasks=(),
+                               tied_noise=False)
 
 
 def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):

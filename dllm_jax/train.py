@@ -162,6 +162,26 @@ PRESETS = {
                          task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
                                        ("sort", 0.25)),
                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    # session 8, from run 12 (`cont9`: left to right, block 1, arith 76 %; but block 32 only 5 %): `cont10` is
+    # cont9 again with the `#### answer` zero-padded (the task's new format; block 1: 89 %, block 32: 3 %);
+    # `cont11` adds tied noise (a result and its copies masked together, so no masking state lets a result be
+    # copied instead of computed) with a quarter of the arith rows suffix-masked (block 32: 72 %, n = 100);
+    # `cont12` continues it longer
+    "cont10": TrainConfig(name="cont10", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                          seed=12, suffix_frac=0.5, suffix_tasks=("arith",),
+                          task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
+                                        ("sort", 0.25)),
+                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    "cont11": TrainConfig(name="cont11", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                          seed=14, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
+                          task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
+                                        ("sort", 0.25)),
+                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    "cont12": TrainConfig(name="cont12", n_layers=6, steps=1000, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                          seed=15, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
+                          task_weights=(("arith", 0.35), ("chainstep", 0.05), ("ask", 0.05), ("code", 0.25),
+                                        ("sort", 0.30)),
+                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

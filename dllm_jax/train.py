@@ -182,6 +182,12 @@ PRESETS = {
                           task_weights=(("arith", 0.35), ("chainstep", 0.05), ("ask", 0.05), ("code", 0.25),
                                         ("sort", 0.30)),
                           aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    # `cont11` sorted only 36.5 % (n = 200; sort is data share): its 400 steps again with more sort
+    "cont13": TrainConfig(name="cont13", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                          seed=16, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
+                          task_weights=(("arith", 0.25), ("chainstep", 0.05), ("ask", 0.05), ("code", 0.25),
+                                        ("sort", 0.40)),
+                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

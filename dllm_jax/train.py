@@ -103,6 +103,17 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
+def _chain_preset(name: str, steps: int, seed: int, suffix_frac: float, weights, tied_noise: bool = False):
+    """The session-8 continuations: lr 5e-4, `rawdrill` rows every 4th step, a `suffix_frac` share of the arith
+    rows suffix-masked; `weights` = arith / chainstep / code / sort (`ask` 0.05)."""
+    arith, chainstep, code, sort = weights
+    return TrainConfig(name=name, n_layers=6, steps=steps, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+                       seed=seed, suffix_frac=suffix_frac, suffix_tasks=("arith",), tied_noise=tied_noise,
+                       task_weights=(("arith", arith), ("chainstep", chainstep), ("ask", 0.05), ("code", code),
+                                     ("sort", sort)),
+                       aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160)
+
+
 PRESETS = {
     # 6 layers, one warmup + cosine cycle of 6000 steps (0.67 s/step on an unshared 2-core CPU: ~67 min)
     "default": TrainConfig(n_layers=6, steps=6000, warmup=200),
@@ -157,37 +168,17 @@ PRESETS = {
     # ninth continuation (session 8, pilot): from run 10, whose chain results are right teacher-forced but whose
     # left-to-right decoding (block 1) still fails: wrong operands copied, results committed before what they need.
     # Half of the `arith` rows suffix-masked (everything from a cut masked, as when decoding), the other tasks plain
-    "cont9": TrainConfig(name="cont9", n_layers=6, steps=600, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
-                         seed=10, suffix_frac=0.5, suffix_tasks=("arith",),
-                         task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
-                                       ("sort", 0.25)),
-                         aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    "cont9": _chain_preset("cont9", 600, 10, 0.5, (0.35, 0.10, 0.25, 0.25)),
     # session 8, from run 12 (`cont9`: left to right, block 1, arith 76 %; but block 32 only 5 %): `cont10` is
     # cont9 again with the `#### answer` zero-padded (the task's new format; block 1: 89 %, block 32: 3 %);
     # `cont11` adds tied noise (a result and its copies masked together, so no masking state lets a result be
     # copied instead of computed) with a quarter of the arith rows suffix-masked (block 32: 72 %, n = 100);
-    # `cont12` continues it longer
-    "cont10": TrainConfig(name="cont10", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
-                          seed=12, suffix_frac=0.5, suffix_tasks=("arith",),
-                          task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
-                                        ("sort", 0.25)),
-                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
-    "cont11": TrainConfig(name="cont11", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
-                          seed=14, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
-                          task_weights=(("arith", 0.35), ("chainstep", 0.10), ("ask", 0.05), ("code", 0.25),
-                                        ("sort", 0.25)),
-                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
-    "cont12": TrainConfig(name="cont12", n_layers=6, steps=1000, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
-                          seed=15, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
-                          task_weights=(("arith", 0.35), ("chainstep", 0.05), ("ask", 0.05), ("code", 0.25),
-                                        ("sort", 0.30)),
-                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    # `cont12` continues it longer (run 15, shipped)
+    "cont10": _chain_preset("cont10", 400, 12, 0.5, (0.35, 0.10, 0.25, 0.25)),
+    "cont11": _chain_preset("cont11", 400, 14, 0.25, (0.35, 0.10, 0.25, 0.25), tied_noise=True),
+    "cont12": _chain_preset("cont12", 1000, 15, 0.25, (0.35, 0.05, 0.25, 0.30), tied_noise=True),
     # `cont11` sorted only 36.5 % (n = 200; sort is data share): its 400 steps again with more sort
-    "cont13": TrainConfig(name="cont13", n_layers=6, steps=400, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
-                          seed=16, suffix_frac=0.25, suffix_tasks=("arith",), tied_noise=True,
-                          task_weights=(("arith", 0.25), ("chainstep", 0.05), ("ask", 0.05), ("code", 0.25),
-                                        ("sort", 0.40)),
-                          aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160),
+    "cont13": _chain_preset("cont13", 400, 16, 0.25, (0.25, 0.05, 0.25, 0.40), tied_noise=True),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

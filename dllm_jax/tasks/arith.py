@@ -97,7 +97,9 @@ def ties(target: str) -> list[int]:
     line's result (the running total as the next line's operand, a product as an operand, the `#### answer`) is
     tied digit by digit, right-aligned, to that result; every other character to itself. Masked together, a result
     is never visible as its own copy elsewhere, so training asks for it to be computed in any masking state, not
-    only left to right (the model that copied did so and committed guesses: docs/default_model.md)."""
+    only left to right (the model that copied did so and committed guesses: docs/default_model.md). A later
+    result that happens to equal an earlier one is tied to it too (rare; both still have to be computed); the
+    shipped runs were trained with exactly this rule."""
     src = list(range(len(target)))
     results: dict[int, tuple[int, int]] = {}  # value -> (start, end) of its first appearance as a result
     for m in re.finditer(r"\d+", target):

@@ -179,6 +179,9 @@ PRESETS = {
     "cont12": _chain_preset("cont12", 1000, 15, 0.25, (0.35, 0.05, 0.25, 0.30), tied_noise=True),
     # `cont11` sorted only 36.5 % (n = 200; sort is data share): its 400 steps again with more sort
     "cont13": _chain_preset("cont13", 400, 16, 0.25, (0.25, 0.05, 0.25, 0.40), tied_noise=True),
+    # next (started at the end of session 8, resumable): run 15 continued longer with more arith (68.5 % at n = 200,
+    # the only task under 80 %); code and sort passed 80 % with 0.25 / 0.30
+    "cont14": _chain_preset("cont14", 1500, 17, 0.25, (0.40, 0.05, 0.20, 0.35), tied_noise=True),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

@@ -209,7 +209,8 @@ def model_config(tc: TrainConfig, tok: CharTokenizer | None = None) -> ModelConf
 def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "train"):
     """The batch of `step`: tokens [B, T], prompt_len [B], valid_len [B] (int32 numpy), maskable [B, T] (bool:
     the positions the noise may mask, prompt_len <= pos < valid_len, narrowed by a task's `Task.maskable`) and tie
-    [B, T] (int32: the position whose noise draw each position shares, `Task.ties`; its own elsewhere),
+    [B, T] (int32: the position whose noise draw each position shares, `Task.ties` under `tied_noise`; its own
+    elsewhere),
     deterministic."""
     rng, names, choice, T, end_frac = _batch_plan(tc, step)
     B = len(choice)
@@ -237,7 +238,7 @@ def make_batch(tc: TrainConfig, step: int, tok: CharTokenizer, split: str = "tra
         if task.maskable is not None:  # e.g. `rawdrill`: only the results' digits, the response's rest always visible
             maskable[b, len(p):] = False
             maskable[b, len(p):len(p) + len(ex.target)] = task.maskable(ex.target)
-        if task.ties is not None:  # `arith`: a result and its later copies masked together
+        if tc.tied_noise and task.ties is not None:  # `arith`: a result and its copies masked together
             tie[b, len(p):len(p) + len(ex.target)] = len(p) + np.asarray(task.ties(ex.target), np.int32)
         if task.mask_after:  # `chainstep`: the rest of the canvas is still masked, as when decoding; not scored
             tokens[b, len(p) + len(r):] = tok.mask_id

@@ -1,0 +1,266 @@
+"""Pallas Mosaic GPU (Hopper) flash-attention kernel for block attention.
+
+Same contract as `reference.block_attention` (read its docstring): a window of T queries at absolute buffer indices
+`q_index` attends over all S keys of the KV buffer, masked by `key_valid` and optionally by the block-causal rule
+`q_index // block_size >= k_index // block_size`; GQA with H = K * G; float32 softmax; fully-masked rows give zeros.
+
+Why a second GPU kernel: Pallas' Triton backend (`pallas_gpu.py`) is deprecated from JAX 0.11 on; Mosaic GPU is the
+GPU backend that stays. Design (see docs/kernels.md):
+  * `plgpu.kernel` (Mosaic GPU, Lane lowering semantics: array-level jnp ops on register fragments with explicit
+    WGMMA layouts), grid (H, T/bt, B), one warpgroup per program. Every operand stays in GMEM; the kernel moves
+    tiles itself with TMA copies (`copy_gmem_to_smem`, completion tracked by SMEM barriers), like the official
+    FlashAttention-3 example `jax.experimental.pallas.ops.gpu.attention_mgpu`, minus its warp specialisation.
+  * one program owns a [bt, D] query tile of one head (bt = 64: the M of one Hopper wgmma) and loops over the key
+    tiles [lo, hi) with `lax.fori_loop`; K/V tiles are double-buffered (the copy of tile j + 1 is in flight while
+    tile j is computed). Online-softmax state (running max m, sum l, fp32 accumulator) lives in registers.
+  * S = Q Kᵀ is a wgmma from SMEM (K transposed by the SMEM view); P is written to SMEM in bf16 and P V is a second
+    wgmma. (Hopper's wgmma could read P from registers; the Mosaic GPU interpreter that proves this kernel on CPU
+    cannot, so both run the same SMEM path.)
+  * masks in-kernel: the key-padding row of each key tile arrives by TMA beside K/V; block-causal is
+    `k_index < qlim` with the per-query limit `(q_index // block_size + 1) * block_size` precomputed by the wrapper.
+  * tile skipping: `tiling.tile_ranges` gives per (batch row, query tile) the range [lo, hi) of key tiles that can
+    hold an unmasked key; the loop bounds are read from GMEM, so skipped tiles are neither copied nor computed.
+  * tile shapes: bt = 64, bk in {64, 128}; T and S are padded to tile multiples in the wrapper (padded keys
+    invalid, padded query rows sliced off); D must be a multiple of 64 (the 128-byte swizzle of a bf16 row).
+  * dtypes: wgmma multiplies 16-bit floats (fp32 operands would run as TF32). bf16 / fp16 inputs are used as
+    they are. float32 inputs are split into bf16 pairs x = hi + lo in the wrapper and both matmuls are done as
+    three bf16 wgmmas (hi·hi + hi·lo + lo·hi, the "bf16x3" scheme): about 16 significant bits, ~1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.block_attention.tiling import round_up, tile_ranges
+
+BLOCK_Q = 64            # rows of one warpgroup wgmma: the query tile is fixed
+DEFAULT_BLOCK_K = 64
+SWIZZLE = 128           # bytes; a 128-byte swizzled row is 64 bf16 elements
+
+
+def interpret_params(interpret):
+    """Map `interpret` to what Mosaic GPU's `pallas_call`/`kernel` accepts: False -> None (compile for the GPU);
+    True -> the Mosaic GPU interpreter's params (simulated SMEM, TMA copies, barriers and wgmma on CPU); an
+    instance passes through. Raises `NotImplementedError` when this jax has no Mosaic GPU interpreter."""
+    if interpret is False or interpret is None:
+        return None
+    if interpret is not True:
+        return interpret
+    cls = getattr(plgpu, "InterpretParams", None)
+    if cls is None:
+        try:   # jax 0.10: not yet public
+            from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as cls
+        except ImportError as e:
+            raise NotImplementedError(f"this jax ({jax.__version__}) has no Mosaic GPU interpreter: {e}") from e
+    return cls()
+
+
+def choose_tiles(T: int, S: int, block_k: int = DEFAULT_BLOCK_K, dtype=jnp.bfloat16):
+    """Return (bt, Tp, bk, Sp): query tile (64), padded T, key tile, padded S. float32 inputs (two bf16 parts per
+    operand) fit the 227 KiB of SMEM only with 64-key tiles."""
+    if block_k not in (64, 128):
+        raise ValueError(f"block_k={block_k} must be 64 or 128")
+    if block_k == 128 and jnp.dtype(dtype) == jnp.float32:
+        raise ValueError("block_k=128 exceeds shared memory for float32 inputs; use 64")
+    bk = block_k if S > 64 else 64
+    return BLOCK_Q, round_up(T, BLOCK_Q), bk, round_up(S, bk)
+
+
+def _split_bf16(x):
+    """float32 x -> [2, ...] bf16 (hi, lo) with hi + lo = x to about 16 significant bits."""
+    hi = x.astype(jnp.bfloat16)
+    return jnp.stack([hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)])
+
+
+def _kernel(q_ref, k_ref, v_ref, kvalid_ref, qlim_ref, range_ref, o_ref, scoped, *, scale, bk, group, causal,
+            interpret):
+    """One program: query tile `i` of head `h` in batch row `b`. Operand refs are in GMEM with a leading part axis
+    P (1: the 16-bit inputs; 2: bf16 hi/lo of float32 inputs); `scoped` holds the SMEM buffers and barriers."""
+    (q_smem, k_smem, v_smem, p_smem, kv_smem, ql_smem, o_smem), (q_bar, ql_bar, k_bar, v_bar, m_bar) = scoped
+    h, i, b = jax.lax.axis_index("heads"), jax.lax.axis_index("q_tile"), jax.lax.axis_index("batch")
+    kvh = jax.lax.div(h, jnp.int32(group))
+    parts, bt, d = q_smem.shape
+
+    def layout(x, lay):   # a register-placement hint; the interpreter has no rule for it and needs none
+        return x if interpret else plgpu.layout_cast(x, lay)
+
+    row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
+    lo = range_ref[b, i, 0]
+    hi = range_ref[b, i, 1]
+    rows = pl.ds(i * bt, bt)
+
+    # one TMA copy per part (a [P, rows, D] box would exceed TMA's 5 strided dims once tiled); the q/k/v barriers
+    # expect P arrivals
+    for a in range(parts):
+        plgpu.copy_gmem_to_smem(q_ref.at[a, b, rows, h], q_smem.at[a], q_bar.at[0])
+    if causal:
+        plgpu.copy_gmem_to_smem(qlim_ref.at[b, rows], ql_smem, ql_bar.at[0])
+
+    def fetch(j, slot):
+        keys = pl.ds(j * bk, bk)
+        for a in range(parts):
+            plgpu.copy_gmem_to_smem(k_ref.at[a, b, keys, kvh], k_smem.at[slot, a], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[a, b, keys, kvh], v_smem.at[slot, a], v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(kvalid_ref.at[b, keys], kv_smem.at[slot], m_bar.at[slot])
+
+    @pl.when(lo < hi)
+    def _():
+        fetch(lo, 0)
+
+    plgpu.barrier_wait(q_bar.at[0])
+    qlim = None
+    if causal:
+        plgpu.barrier_wait(ql_bar.at[0])
+        qlim = jax.lax.broadcast_in_dim(layout(ql_smem[...], row_layout), (bt, bk), [0])  # [bt, bk]
+
+    # bf16x3 for float32 inputs: x·y ≈ hi·hi + hi·lo + lo·hi (the lo·lo term is below fp32 resolution of the sum)
+    terms = ((0, 0),) if parts == 1 else ((0, 0), (0, 1), (1, 0))
+
+    def body(j, carry):
+        acc, m_prev, l_prev = carry
+        slot = jax.lax.rem(j - lo, 2)
+
+        @pl.when(j + 1 < hi)
+        def _():   # the next tile's copies run while this one is computed (its slot was freed last iteration)
+            fetch(j + 1, 1 - slot)
+
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def qk(acc_ref):
+            for a, c in terms:
+                plgpu.wgmma(acc_ref, q_smem.at[a], plgpu.transpose_ref(k_smem.at[slot, c], (1, 0)))
+            return acc_ref[...]
+
+        if interpret:   # the interpreter's wgmma cannot read a transposed SMEM view: the same product, in jnp
+            s = sum(jax.lax.dot_general(q_smem.at[a][...], k_smem.at[slot, c][...], (((1,), (1,)), ((), ())),
+                                        preferred_element_type=jnp.float32) for a, c in terms)
+        else:
+            s = pl.run_scoped(qk, plgpu.ACC((bt, bk), jnp.float32))
+        s = s * scale                                                                    # [bt, bk] fp32
+        plgpu.barrier_wait(m_bar.at[slot])
+        mask = jax.lax.broadcast_in_dim(layout(kv_smem.at[slot][...], col_layout) != 0, (bt, bk), [1])
+        if causal:
+            k_idx = j * bk + layout(jax.lax.broadcasted_iota(jnp.int32, (bt, bk), 1), plgpu.Layout.WGMMA)
+            mask = mask & (k_idx < qlim)                                                 # block-causal
+        s = jnp.where(mask, s, -jnp.inf)
+        m_next = jnp.maximum(m_prev, s.max(axis=1))
+        m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)                              # row all-masked so far
+        p = jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, (bt, bk), [0]))                 # masked -> exp(-inf) = 0
+        alpha = jnp.exp(m_prev - m_safe)
+        l_next = l_prev * alpha + p.sum(axis=1)
+        p_hi = p.astype(p_smem.dtype)
+        p_smem.at[0][...] = p_hi
+        if parts == 2:
+            p_smem.at[1][...] = (p - p_hi.astype(jnp.float32)).astype(p_smem.dtype)
+        plgpu.commit_smem()                                                              # make P visible to wgmma
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def pv(acc_ref):
+            for a, c in terms:
+                plgpu.wgmma(acc_ref, p_smem.at[a], v_smem.at[slot, c])
+            return acc_ref[...]
+
+        pv_acc = pl.run_scoped(pv, plgpu.ACC((bt, d), jnp.float32))
+        return acc * jax.lax.broadcast_in_dim(alpha, (bt, d), [0]) + pv_acc, m_next, l_next
+
+    init = (layout(jnp.zeros((bt, d), jnp.float32), plgpu.Layout.WGMMA),
+            layout(jnp.full((bt,), -jnp.inf, jnp.float32), row_layout),
+            layout(jnp.zeros((bt,), jnp.float32), row_layout))
+    acc, _, l = jax.lax.fori_loop(lo, hi, body, init)
+    inv = jnp.where(l == 0.0, 0.0, 1.0 / jnp.where(l == 0.0, 1.0, l))                    # fully-masked row -> 0
+    o_smem[...] = (acc * jax.lax.broadcast_in_dim(inv, (bt, d), [0])).astype(o_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _smem(shape, dtype):
+    """An SMEM buffer in the layout wgmma and TMA want: (8, 128 bytes) tiles of the last two dims, 128-byte swizzle."""
+    dtype = jnp.dtype(dtype)
+    tiling = plgpu.TilingTransform((8, SWIZZLE // dtype.itemsize))
+    return plgpu.SMEM(shape, dtype, transforms=(tiling, plgpu.SwizzleTransform(SWIZZLE)))
+
+
+def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=None, *, block_size=0,
+                    scale=None, interpret=False, block_k=DEFAULT_BLOCK_K):
+    B, T, H, D = q_BxTxHxD.shape
+    _, S, K, Dk = k_BxSxKxD.shape
+    if k_BxSxKxD.shape != v_BxSxKxD.shape or Dk != D or k_BxSxKxD.shape[0] != B:
+        raise ValueError(f"shape mismatch: q {q_BxTxHxD.shape}, k {k_BxSxKxD.shape}, v {v_BxSxKxD.shape}")
+    if H % K:
+        raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
+    if key_valid_BxS.shape != (B, S):
+        raise ValueError(f"key_valid shape {key_valid_BxS.shape} != {(B, S)}")
+    if D % 64:
+        raise ValueError(f"pallas_mgpu needs head_dim a multiple of 64 (128-byte swizzled bf16 rows), got {D}")
+    dtype = jnp.dtype(q_BxTxHxD.dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"pallas_mgpu supports bfloat16, float16 and float32 inputs, got {dtype}")
+    causal = bool(block_size)
+    if causal and q_index_BxT is None:
+        raise ValueError("block-causal attention needs query indices")
+    G = H // K
+    scale = D ** -0.5 if scale is None else float(scale)
+    bt, Tp, bk, Sp = choose_tiles(T, S, block_k, dtype)
+    n_t = Tp // bt
+
+    key_valid = jnp.pad(key_valid_BxS.astype(bool), ((0, 0), (0, Sp - S)))
+    if causal:
+        qi = jnp.pad(q_index_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
+        qlim = (qi // block_size + 1) * block_size
+    else:
+        qlim = jnp.full((B, Tp), Sp, jnp.int32)
+    lo, hi = tile_ranges(key_valid, qlim, T, bt, bk)
+    # [lo, hi) per program, padded to 4 int32 (16 bytes); read as scalars from GMEM
+    ranges = jnp.stack([lo, hi, lo, hi], axis=-1)
+
+    q = jnp.pad(q_BxTxHxD, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+    k = jnp.pad(k_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    v = jnp.pad(v_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    if dtype == jnp.float32:
+        q, k, v = _split_bf16(q), _split_bf16(k), _split_bf16(v)      # [2, ...] bf16: hi, lo
+        op_dtype = jnp.dtype(jnp.bfloat16)
+    else:
+        q, k, v = q[None], k[None], v[None]
+        op_dtype = dtype
+    parts = q.shape[0]
+
+    scratch = (
+        (_smem((parts, bt, D), op_dtype),                 # q tile
+         _smem((2, parts, bk, D), op_dtype),              # k tiles (double-buffered)
+         _smem((2, parts, bk, D), op_dtype),              # v tiles
+         _smem((parts, bt, bk), op_dtype),                # P (bf16x3: hi, lo)
+         plgpu.SMEM((2, bk), jnp.int32),                  # key_valid tiles
+         plgpu.SMEM((bt,), jnp.int32),                    # per-query causal limit
+         _smem((bt, D), dtype)),                          # output staging
+        (plgpu.Barrier(num_arrivals=parts), plgpu.Barrier(),                        # q, causal limit
+         plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # k, per slot
+         plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # v
+         plgpu.Barrier(num_barriers=2)),                                             # key_valid
+    )
+    kernel = functools.partial(_kernel, scale=scale, bk=bk, group=G, causal=causal,
+                               interpret=interpret_params(interpret) is not None)
+
+    def entry(*refs):
+        pl.run_scoped(lambda *scoped: kernel(*refs, (scoped[:7], scoped[7:])), *scratch[0], *scratch[1])
+
+    call = plgpu.kernel(
+        entry,
+        out_shape=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
+        grid=(H, n_t, B),
+        grid_names=("heads", "q_tile", "batch"),
+        compiler_params=plgpu.CompilerParams(),
+        interpret=interpret_params(interpret),
+    )
+    out = call(q, k, v, key_valid.astype(jnp.int32), qlim, ranges)
+    return out[:, :T]
+
+
+def make(interpret=False, **tile_kwargs):
+    """Return a callable with the reference signature (`interpret=True`: the Mosaic GPU interpreter on any backend)."""
+    return functools.partial(block_attention, interpret=interpret, **tile_kwargs)

@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     g.add_argument("--model", help="HF or converted checkpoint directory (default: embedded model)")
     g.add_argument("--ids", help="prompt as comma-separated token ids (for checkpoints without a tokenizer)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--attention", default="reference", help="reference | pallas_tpu | pallas_gpu | auto")
+    g.add_argument("--attention", default="reference", help="reference | pallas_tpu | pallas_gpu | pallas_mgpu | auto")
     g.add_argument("--quantize", choices=["int8", "int8-all"], default=None,
                    help="int8 weight-only quantization at load (int8-all: also embedding + LM head; "
                         "docs/quantization.md)")

@@ -54,14 +54,15 @@ class Model:
         return out
 
     def with_attention(self, impl: str, interpret: bool = False) -> "Model":
-        """The same model with another attention implementation ("reference", "pallas_tpu", "pallas_gpu", "auto");
-        interpret=True runs a Pallas kernel in the interpreter (any backend; slow, for testing)."""
+        """The same model with another attention implementation ("reference", "pallas_tpu", "pallas_gpu",
+        "pallas_mgpu", "auto"); interpret=True runs a Pallas kernel in the interpreter (any backend; slow, for
+        testing)."""
         from pallas_kernels.block_attention import api
 
         if impl not in api.available_implementations():
             raise ValueError(f"unknown attention implementation {impl!r}; expected one of "
                              f"{api.available_implementations()}")
-        if impl in ("pallas_tpu", "pallas_gpu") and not interpret:
+        if impl not in ("reference", "auto") and not interpret:
             api.resolve(impl, False)  # fail now, with the kernel's own message, not inside jit
         return dataclasses.replace(self, cfg=self.cfg.replace(attention_impl=impl, attention_interpret=interpret))
 

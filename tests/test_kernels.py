@@ -16,9 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.block_attention import api, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.block_attention import api, pallas_gpu, pallas_mgpu, pallas_tpu, reference
 
-KERNELS = ("pallas_tpu", "pallas_gpu")
+# The Mosaic GPU kernel in the Mosaic GPU interpreter takes seconds per case: on a CPU its share of the sweeps below
+# is marked slow (tests/test_kernels_mgpu.py keeps a fast interpreter check in the default suite); with
+# DLLM_KERNEL_HW=1 (compiled on the GPU) it runs by default.
+MGPU = pytest.param("pallas_mgpu", marks=() if os.environ.get("DLLM_KERNEL_HW") == "1" else pytest.mark.slow)
+KERNELS = ("pallas_tpu", "pallas_gpu", MGPU)
 F32_TOL = 1e-5
 BF16_TOL = 2e-2
 
@@ -105,6 +109,8 @@ def test_small_tiles_many_query_and_key_tiles(kernel_interpret, impl):
     interp = kernel_interpret(impl)
     if impl == "pallas_tpu":
         fn = pallas_tpu.make(interpret=interp, block_q=16, block_k=128)
+    elif impl == "pallas_mgpu":
+        fn = pallas_mgpu.make(interpret=interp, block_k=64)     # query tiles are always 64 rows
     else:
         fn = pallas_gpu.make(interpret=interp, block_q=16, block_k=32)
     out = jax.jit(lambda *a: fn(*a, block_size=16, scale=0.05))(q, k, v, kv, qi)
@@ -157,16 +163,16 @@ LOWER_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
+@pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda"), ("pallas_mgpu", "cuda")])
 @pytest.mark.parametrize("B,T,S,H,K,D,block_size,dtype", LOWER_SHAPES)
 def test_kernel_lowers_for_real_backend(impl, platform, B, T, S, H, K, D, block_size, dtype):
-    mod = pallas_tpu if impl == "pallas_tpu" else pallas_gpu
+    mod = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu, "pallas_mgpu": pallas_mgpu}[impl]
     sd = jax.ShapeDtypeStruct
     args = (sd((B, T, H, D), dtype), sd((B, S, K, D), dtype), sd((B, S, K, D), dtype), sd((B, S), jnp.bool_),
             sd((B, T), jnp.int32))
     fn = jax.jit(lambda *a: mod.block_attention(*a, block_size=block_size))
     text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
-    assert ("tpu_custom_call" if platform == "tpu" else "triton") in text
+    assert {"pallas_tpu": "tpu_custom_call", "pallas_gpu": "triton", "pallas_mgpu": "mosaic_gpu"}[impl] in text
 
 
 # --- implementation selection ---
@@ -190,12 +196,14 @@ def test_api_reference_and_unknown(fresh_api, cpu_backend):
     assert fresh_api.resolve("reference") is reference.block_attention
     with pytest.raises(ValueError, match="unknown attention implementation"):
         fresh_api.resolve("flash")
-    assert set(fresh_api.available_implementations()) == {"reference", "pallas_tpu", "pallas_gpu", "auto"}
+    assert set(fresh_api.available_implementations()) == {"reference", "pallas_tpu", "pallas_gpu", "pallas_mgpu",
+                                                          "auto"}
     assert fresh_api.runnable_implementations() == ("reference", "auto")
-    assert fresh_api.runnable_implementations(interpret=True) == ("reference", "pallas_tpu", "pallas_gpu", "auto")
+    assert fresh_api.runnable_implementations(interpret=True) == ("reference", "pallas_tpu", "pallas_gpu",
+                                                                  "pallas_mgpu", "auto")
 
 
-@pytest.mark.parametrize("impl,hw", [("pallas_tpu", "TPU"), ("pallas_gpu", "GPU")])
+@pytest.mark.parametrize("impl,hw", [("pallas_tpu", "TPU"), ("pallas_gpu", "GPU"), ("pallas_mgpu", "GPU")])
 def test_api_named_kernel_unavailable_raises(fresh_api, cpu_backend, impl, hw):
     with pytest.raises(fresh_api.KernelUnavailableError, match=f"needs a {hw}.*interpret=True"):
         fresh_api.resolve(impl)
@@ -208,6 +216,8 @@ def test_api_resolved_callable_is_cached(fresh_api):
     a = fresh_api.resolve("pallas_tpu", interpret=True)
     assert fresh_api.resolve("pallas_tpu", interpret=True) is a
     assert fresh_api.resolve("pallas_gpu", interpret=True) is not a
+    m = fresh_api.resolve("pallas_mgpu", interpret=True)
+    assert m.func is pallas_mgpu.block_attention and fresh_api.resolve("pallas_mgpu", interpret=True) is m
 
 
 def test_api_auto_on_cpu_falls_back_with_one_warning(fresh_api, cpu_backend):
@@ -236,11 +246,33 @@ def test_api_auto_picks_kernel_when_probe_passes(fresh_api, monkeypatch):
 
 
 def test_api_auto_falls_back_when_probe_fails(fresh_api, cpu_backend, monkeypatch):
-    # Pretend to be on a GPU: the kernel resolves, but compiling it for real fails on this CPU -> reference.
+    # Pretend to be on a GPU: both kernels resolve, but compiling them for real fails on this CPU: Mosaic GPU is
+    # tried first, then Triton, then the reference, each failure with its own warning.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.warns(RuntimeWarning, match="'auto': pallas_gpu unavailable"):
+    with pytest.warns(RuntimeWarning) as record:
         fn = fresh_api.resolve("auto")
     assert fn is reference.block_attention
+    msgs = [str(w.message) for w in record]
+    assert any(m.startswith("attention 'auto': pallas_mgpu unavailable") and m.endswith("trying pallas_gpu")
+               for m in msgs), msgs
+    assert any(m.startswith("attention 'auto': pallas_gpu unavailable") and m.endswith("using the jnp reference")
+               for m in msgs), msgs
+
+
+def test_api_auto_on_gpu_prefers_mosaic_then_triton(fresh_api, monkeypatch):
+    """The GPU order: pallas_mgpu when its probe passes; pallas_gpu when only pallas_mgpu's fails (probes stubbed)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(fresh_api, "_probe", lambda fn: None)
+    assert fresh_api.resolve("auto").func is pallas_mgpu.block_attention
+
+    def probe(fn):
+        if fn.func is pallas_mgpu.block_attention:
+            raise RuntimeError("no Mosaic GPU here")
+
+    fresh_api._cache.clear()
+    monkeypatch.setattr(fresh_api, "_probe", probe)
+    with pytest.warns(RuntimeWarning, match="pallas_mgpu unavailable .*no Mosaic GPU here.*trying pallas_gpu"):
+        assert fresh_api.resolve("auto").func is pallas_gpu.block_attention
 
 
 # --- model integration and benchmark smoke run ---
@@ -267,10 +299,10 @@ def test_benchmark_quick_smoke(tmp_path):
         sys.path.pop(0)
     out = tmp_path / "attention.md"
     rows = bench_attention.main(["--quick", "--out", str(out)])
-    assert {r["impl"] for r in rows} == {"reference", "pallas_tpu", "pallas_gpu", "sdpa_xla"}
+    assert {r["impl"] for r in rows} == {"reference", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "sdpa_xla"}
     # the jax.nn.dot_product_attention baseline gets the same (block-causal, padded) masks as the reference
     assert all(r["err"] < 2e-2 for r in rows if r["impl"] == "sdpa_xla")
     assert all("sec" in r for r in rows), [r.get("error") for r in rows]
     assert all(r["err"] < BF16_TOL for r in rows if r["impl"] != "reference")
     text = out.read_text()
-    assert "| shape | impl | ms | TFLOP/s" in text and "pallas_gpu" in text
+    assert "| shape | impl | ms | TFLOP/s" in text and "pallas_gpu" in text and "pallas_mgpu" in text

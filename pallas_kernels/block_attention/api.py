@@ -2,10 +2,14 @@
 
   "reference"   plain jnp (any backend).
   "pallas_tpu"  Pallas/Mosaic TPU kernel; needs a TPU, or `interpret=True` (Pallas interpreter, any backend).
-  "pallas_gpu"  Pallas/Triton GPU kernel; needs a GPU, or `interpret=True`.
-  "auto"        the kernel for the default backend (TPU -> pallas_tpu, GPU -> pallas_gpu) if it is importable and
-                passes a one-off probe (compile + run a tiny case, compare with the reference); otherwise the
-                reference, with a warning (emitted once per process and reason).
+  "pallas_gpu"  Pallas/Triton GPU kernel; needs a GPU, or `interpret=True` (Pallas interpreter). Triton is
+                deprecated in Pallas from JAX 0.11 on; kept for older jax and as the fallback.
+  "pallas_mgpu" Pallas/Mosaic GPU kernel (Hopper wgmma + TMA); needs a GPU, or `interpret=True` (the Mosaic GPU
+                interpreter: simulated SMEM, TMA copies, barriers; slow, for tests).
+  "auto"        the kernels for the default backend in order of preference (TPU -> pallas_tpu; GPU -> pallas_mgpu,
+                then pallas_gpu): the first that is importable and passes a one-off probe (compile + run a tiny
+                case, compare with the reference); otherwise the reference. Every candidate that fails is reported
+                with a warning (emitted once per process and reason).
 
 A named kernel that cannot run here raises `KernelUnavailableError` (never silently falls back). Resolved
 callables are cached per (name, interpret, backend), so the probe and imports happen once.
@@ -23,9 +27,9 @@ import numpy as np
 
 from pallas_kernels.block_attention import reference
 
-IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "auto")
-_KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
-_AUTO_CHOICE = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "pallas_mgpu", "auto")
+_KERNEL_BACKEND = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}
+_AUTO_CHOICE = {"tpu": ("pallas_tpu",), "gpu": ("pallas_mgpu", "pallas_gpu")}
 
 
 class KernelUnavailableError(RuntimeError):
@@ -75,9 +79,11 @@ def _kernel_for(name: str, interpret):
     try:
         if name == "pallas_tpu":
             from pallas_kernels.block_attention import pallas_tpu as mod
+        elif name == "pallas_mgpu":
+            from pallas_kernels.block_attention import pallas_mgpu as mod
         else:
             from pallas_kernels.block_attention import pallas_gpu as mod
-    except ImportError as e:  # e.g. a jaxlib built without the Mosaic/Triton bindings
+    except ImportError as e:  # e.g. a jaxlib built without the Mosaic/Triton bindings, a jax without Triton
         raise KernelUnavailableError(f"attention implementation {name!r} cannot be imported here: {e}") from e
     return mod.make(interpret=interpret)
 
@@ -120,18 +126,21 @@ def resolve(name: str, interpret=False):
         return fn
     if name == "auto":
         backend = jax.default_backend()
-        want = _AUTO_CHOICE.get(backend)
-        if want is None:
+        candidates = _AUTO_CHOICE.get(backend, ())
+        if not candidates:
             _warn_once(f"attention 'auto': no Pallas kernel for backend {backend!r}; using the jnp reference")
-            fn = reference.block_attention
-        else:
+        fn = None
+        for n, want in enumerate(candidates):
             try:
                 fn = _kernel_for(want, interpret)
                 _probe(fn)
+                break
             except Exception as e:  # noqa: BLE001 - fall back, loudly
-                _warn_once(f"attention 'auto': {want} unavailable ({type(e).__name__}: {e}); "
-                           "using the jnp reference")
-                fn = reference.block_attention
+                fn = None
+                then = f"trying {candidates[n + 1]}" if n + 1 < len(candidates) else "using the jnp reference"
+                _warn_once(f"attention 'auto': {want} unavailable ({type(e).__name__}: {e}); {then}")
+        if fn is None:
+            fn = reference.block_attention
     else:
         fn = _kernel_for(name, interpret)
     _cache[key] = fn

@@ -21,7 +21,8 @@ GPU backend that stays. Design (see docs/kernels.md):
   * tile skipping: `tiling.tile_ranges` gives per (batch row, query tile) the range [lo, hi) of key tiles that can
     hold an unmasked key; the loop bounds are read from GMEM, so skipped tiles are neither copied nor computed.
   * tile shapes: bt = 64, bk in {64, 128}; T and S are padded to tile multiples in the wrapper (padded keys
-    invalid, padded query rows sliced off); D must be a multiple of 64 (the 128-byte swizzle of a bf16 row).
+    invalid, padded query rows sliced off); D is padded to a multiple of 64 (the 128-byte swizzle of a bf16 row;
+    LLaDA/Dream's 128 needs no padding, a copy of q/k/v otherwise).
   * dtypes: wgmma multiplies 16-bit floats (fp32 operands would run as TF32). bf16 / fp16 inputs are used as
     they are. float32 inputs are split into bf16 pairs x = hi + lo in the wrapper and both matmuls are done as
     three bf16 wgmmas (hi·hi + hi·lo + lo·hi, the "bf16x3" scheme): about 16 significant bits, ~1e-5 relative.
@@ -196,8 +197,6 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
         raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
     if key_valid_BxS.shape != (B, S):
         raise ValueError(f"key_valid shape {key_valid_BxS.shape} != {(B, S)}")
-    if D % 64:
-        raise ValueError(f"pallas_mgpu needs head_dim a multiple of 64 (128-byte swizzled bf16 rows), got {D}")
     dtype = jnp.dtype(q_BxTxHxD.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise ValueError(f"pallas_mgpu supports bfloat16, float16 and float32 inputs, got {dtype}")
@@ -219,9 +218,10 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
     # [lo, hi) per program, padded to 4 int32 (16 bytes); read as scalars from GMEM
     ranges = jnp.stack([lo, hi, lo, hi], axis=-1)
 
-    q = jnp.pad(q_BxTxHxD, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-    k = jnp.pad(k_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
-    v = jnp.pad(v_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, 0)))
+    Dp = round_up(D, 64)      # zero columns change neither q·k nor the first D output columns
+    q = jnp.pad(q_BxTxHxD, ((0, 0), (0, Tp - T), (0, 0), (0, Dp - D)))
+    k = jnp.pad(k_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D)))
+    v = jnp.pad(v_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D)))
     if dtype == jnp.float32:
         q, k, v = _split_bf16(q), _split_bf16(k), _split_bf16(v)      # [2, ...] bf16: hi, lo
         op_dtype = jnp.dtype(jnp.bfloat16)
@@ -231,13 +231,13 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
     parts = q.shape[0]
 
     scratch = (
-        (_smem((parts, bt, D), op_dtype),                 # q tile
-         _smem((2, parts, bk, D), op_dtype),              # k tiles (double-buffered)
-         _smem((2, parts, bk, D), op_dtype),              # v tiles
+        (_smem((parts, bt, Dp), op_dtype),                # q tile
+         _smem((2, parts, bk, Dp), op_dtype),             # k tiles (double-buffered)
+         _smem((2, parts, bk, Dp), op_dtype),             # v tiles
          _smem((parts, bt, bk), op_dtype),                # P (bf16x3: hi, lo)
          plgpu.SMEM((2, bk), jnp.int32),                  # key_valid tiles
          plgpu.SMEM((bt,), jnp.int32),                    # per-query causal limit
-         _smem((bt, D), dtype)),                          # output staging
+         _smem((bt, Dp), dtype)),                         # output staging
         (plgpu.Barrier(num_arrivals=parts), plgpu.Barrier(),                        # q, causal limit
          plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # k, per slot
          plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # v
@@ -251,14 +251,14 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
 
     call = plgpu.kernel(
         entry,
-        out_shape=jax.ShapeDtypeStruct((B, Tp, H, D), dtype),
+        out_type=jax.ShapeDtypeStruct((B, Tp, H, Dp), dtype),
         grid=(H, n_t, B),
         grid_names=("heads", "q_tile", "batch"),
         compiler_params=plgpu.CompilerParams(),
         interpret=interpret_params(interpret),
     )
     out = call(q, k, v, key_valid.astype(jnp.int32), qlim, ranges)
-    return out[:, :T]
+    return out[:, :T, :, :D]
 
 
 def make(interpret=False, **tile_kwargs):

@@ -8,10 +8,11 @@
 LLaDA-8B attention: 32 query heads, 32 kv heads, head_dim 128. A "window 32" row is the cached diffusion step
 (32 queries at the end of the cache attending over the whole S-long buffer); a "full" row is the uncached forward
 (T = S). Every implementation that can run on the default backend is timed ("reference" always; "pallas_tpu" on a
-TPU, "pallas_gpu" on a GPU; in --quick mode both kernels also run in the Pallas interpreter). Each kernel's output
-is checked against the reference (max |err|). Baselines: `jax.nn.dot_product_attention` with the same masks as a
-dense boolean mask, XLA's lowering ("sdpa_xla") and on a GPU cuDNN's fused attention ("sdpa_cudnn") — the
-measurement that decides whether pallas_gpu pays off against the cuDNN fallback.
+TPU, "pallas_mgpu" (Mosaic GPU) and "pallas_gpu" (Triton) on a GPU; in --quick mode every kernel also runs in its
+interpreter). Each kernel's output is checked against the reference (max |err|). Baselines:
+`jax.nn.dot_product_attention` with the same masks as a dense boolean mask, XLA's lowering ("sdpa_xla") and on a
+GPU cuDNN's fused attention ("sdpa_cudnn") — the measurement that decides whether the Pallas GPU kernels pay off
+against the cuDNN fallback.
 
 Reported: median wall time of `--reps` calls after a warm-up (compile) call; achieved TFLOP/s counts the attention
 matmuls 4 * B * H * T * S * D; GB/s counts the minimum HBM traffic (q, k, v, o and the masks, each once). The
@@ -72,7 +73,7 @@ def make_inputs(B, T, S, H, K, D, dtype, seed=0):
 
 # Baselines that are not implementations of the API: jax.nn.dot_product_attention with the same masks as a dense
 # boolean [B, 1, T, S] mask. "sdpa_cudnn" (GPU only) is the cuDNN fused attention the issue names as the fallback
-# for pallas_gpu where a custom kernel does not pay off; "sdpa_xla" is XLA's own lowering of the same call.
+# for the Pallas GPU kernels where a custom kernel does not pay off; "sdpa_xla" is XLA's own lowering of the same call.
 SDPA = {"sdpa_xla": "xla", "sdpa_cudnn": "cudnn"}
 
 

@@ -34,7 +34,8 @@ def interp(kernel_interpret):
 CASES = [
     # no mask, MHA, bidirectional, T and S exact tile multiples
     pytest.param(1, 64, 128, 2, 2, 64, 0, 0, jnp.bfloat16, dict(), id="bf16-nomask-mha"),
-    # float32 (bf16x3 wgmmas), GQA 4, block-causal, left padding, a fully masked row, T=17 (padded to 64)
+    # float32 (bf16x6 wgmmas, single-buffered K/V), GQA 4, block-causal, left padding, a fully masked row, T=17
+    # (padded to 64)
     pytest.param(2, 17, 130, 4, 1, 64, 8, 100, jnp.float32, dict(left_pad=(9,), dead_rows=(1,)),
                  id="f32-gqa4-causal-leftpad-deadrow-T17"),
     # head_dim 16 (padded to 64), GQA 2, block-causal from position 0 with a left pad longer than two blocks
@@ -109,8 +110,9 @@ def test_mgpu_lowers_for_cuda(B, T, S, H, K, D, block_size, dtype, block_k):
 
 
 def test_mgpu_lowering_rejects_oversized_smem(monkeypatch):
-    """The SMEM budget is checked at lowering: float32 with 128-key tiles would need ~356 KiB; choose_tiles refuses
-    it up front, and forcing it past choose_tiles fails in the lowering (so the CPU check above is meaningful)."""
+    """The SMEM budget is checked at lowering: float32 with 128-key tiles would need ~320 KiB of the 227 KiB;
+    choose_tiles refuses it up front, and forcing it past choose_tiles fails in the lowering (so the CPU lowering
+    checks above do check the budget)."""
     sd = jax.ShapeDtypeStruct
     args = (sd((1, 32, 4, 128), jnp.float32), sd((1, 256, 4, 128), jnp.float32),
             sd((1, 256, 4, 128), jnp.float32), sd((1, 256), jnp.bool_), sd((1, 32), jnp.int32))

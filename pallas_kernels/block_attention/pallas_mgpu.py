@@ -23,9 +23,12 @@ GPU backend that stays. Design (see docs/kernels.md):
   * tile shapes: bt = 64, bk in {64, 128}; T and S are padded to tile multiples in the wrapper (padded keys
     invalid, padded query rows sliced off); D is padded to a multiple of 64 (the 128-byte swizzle of a bf16 row;
     LLaDA/Dream's 128 needs no padding, a copy of q/k/v otherwise).
-  * dtypes: wgmma multiplies 16-bit floats (fp32 operands would run as TF32). bf16 / fp16 inputs are used as
-    they are. float32 inputs are split into bf16 pairs x = hi + lo in the wrapper and both matmuls are done as
-    three bf16 wgmmas (hi·hi + hi·lo + lo·hi, the "bf16x3" scheme): about 16 significant bits, ~1e-5 relative.
+  * dtypes: wgmma multiplies 16-bit floats (fp32 operands would run as TF32, and only K-major, which V is not).
+    bf16 / fp16 inputs are used as they are. float32 inputs are split in the wrapper into three bf16 parts
+    x = x0 + x1 + x2 (24 significant bits) and both matmuls are six bf16 wgmmas, the terms x_a·y_c with a + c <= 2
+    (the "bf16x6" scheme of XLA's Precision.HIGHEST on TPU): fp32-level results (the reference within 1e-5; the
+    cheaper bf16x3 gave ~16 bits, errors of 3e-5 at O(1) outputs). Three parts do not fit SMEM twice, so float32
+    runs with single-buffered K/V tiles: meant for tests and conformance, not speed.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def interpret_params(interpret):
 
 
 def choose_tiles(T: int, S: int, block_k: int = DEFAULT_BLOCK_K, dtype=jnp.bfloat16):
-    """Return (bt, Tp, bk, Sp): query tile (64), padded T, key tile, padded S. float32 inputs (two bf16 parts per
+    """Return (bt, Tp, bk, Sp): query tile (64), padded T, key tile, padded S. float32 inputs (three bf16 parts per
     operand) fit the 227 KiB of SMEM only with 64-key tiles."""
     if block_k not in (64, 128):
         raise ValueError(f"block_k={block_k} must be 64 or 128")
@@ -72,20 +75,26 @@ def choose_tiles(T: int, S: int, block_k: int = DEFAULT_BLOCK_K, dtype=jnp.bfloa
     return BLOCK_Q, round_up(T, BLOCK_Q), bk, round_up(S, bk)
 
 
-def _split_bf16(x):
-    """float32 x -> [2, ...] bf16 (hi, lo) with hi + lo = x to about 16 significant bits."""
-    hi = x.astype(jnp.bfloat16)
-    return jnp.stack([hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)])
+def _split_bf16(x, parts=3):
+    """float32 x -> [parts, ...] bf16 with x0 + x1 + x2 = x to 24 significant bits (x0 the leading part)."""
+    out = []
+    for _ in range(parts):
+        out.append(x.astype(jnp.bfloat16))
+        x = x - out[-1].astype(jnp.float32)
+    return jnp.stack(out)
 
 
 def _kernel(q_ref, k_ref, v_ref, kvalid_ref, qlim_ref, range_ref, o_ref, scoped, *, scale, bk, group, causal,
             interpret):
     """One program: query tile `i` of head `h` in batch row `b`. Operand refs are in GMEM with a leading part axis
-    P (1: the 16-bit inputs; 2: bf16 hi/lo of float32 inputs); `scoped` holds the SMEM buffers and barriers."""
+    P (1: the 16-bit inputs; 3: the bf16 parts of float32 inputs); `scoped` holds the SMEM buffers and barriers.
+    K/V tiles are double-buffered (the copy of tile j + 1 overlaps the compute of tile j) when SMEM has two
+    slots, else each tile is copied and then computed."""
     (q_smem, k_smem, v_smem, p_smem, kv_smem, ql_smem, o_smem), (q_bar, ql_bar, k_bar, v_bar, m_bar) = scoped
     h, i, b = jax.lax.axis_index("heads"), jax.lax.axis_index("q_tile"), jax.lax.axis_index("batch")
     kvh = jax.lax.div(h, jnp.int32(group))
     parts, bt, d = q_smem.shape
+    slots = k_smem.shape[0]
 
     def layout(x, lay):   # a register-placement hint; the interpreter has no rule for it and needs none
         return x if interpret else plgpu.layout_cast(x, lay)
@@ -109,9 +118,10 @@ def _kernel(q_ref, k_ref, v_ref, kvalid_ref, qlim_ref, range_ref, o_ref, scoped,
             plgpu.copy_gmem_to_smem(v_ref.at[a, b, keys, kvh], v_smem.at[slot, a], v_bar.at[slot])
         plgpu.copy_gmem_to_smem(kvalid_ref.at[b, keys], kv_smem.at[slot], m_bar.at[slot])
 
-    @pl.when(lo < hi)
-    def _():
-        fetch(lo, 0)
+    if slots == 2:
+        @pl.when(lo < hi)
+        def _():
+            fetch(lo, 0)
 
     plgpu.barrier_wait(q_bar.at[0])
     qlim = None
@@ -119,16 +129,20 @@ def _kernel(q_ref, k_ref, v_ref, kvalid_ref, qlim_ref, range_ref, o_ref, scoped,
         plgpu.barrier_wait(ql_bar.at[0])
         qlim = jax.lax.broadcast_in_dim(layout(ql_smem[...], row_layout), (bt, bk), [0])  # [bt, bk]
 
-    # bf16x3 for float32 inputs: x·y ≈ hi·hi + hi·lo + lo·hi (the lo·lo term is below fp32 resolution of the sum)
-    terms = ((0, 0),) if parts == 1 else ((0, 0), (0, 1), (1, 0))
+    # bf16x6 for float32 inputs: x·y ≈ sum of x_a·y_c over a + c <= 2 (the dropped terms are below 2^-24 of x·y)
+    terms = tuple((a, c) for a in range(parts) for c in range(parts) if a + c < parts)
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
-        slot = jax.lax.rem(j - lo, 2)
+        if slots == 2:
+            slot = jax.lax.rem(j - lo, 2)
 
-        @pl.when(j + 1 < hi)
-        def _():   # the next tile's copies run while this one is computed (its slot was freed last iteration)
-            fetch(j + 1, 1 - slot)
+            @pl.when(j + 1 < hi)
+            def _():   # the next tile's copies run while this one is computed (its slot was freed last iteration)
+                fetch(j + 1, 1 - slot)
+        else:
+            slot = 0
+            fetch(j, slot)   # the previous tile's wgmmas were awaited: the slot is free
 
         plgpu.barrier_wait(k_bar.at[slot])
 
@@ -154,10 +168,11 @@ def _kernel(q_ref, k_ref, v_ref, kvalid_ref, qlim_ref, range_ref, o_ref, scoped,
         p = jnp.exp(s - jax.lax.broadcast_in_dim(m_safe, (bt, bk), [0]))                 # masked -> exp(-inf) = 0
         alpha = jnp.exp(m_prev - m_safe)
         l_next = l_prev * alpha + p.sum(axis=1)
-        p_hi = p.astype(p_smem.dtype)
-        p_smem.at[0][...] = p_hi
-        if parts == 2:
-            p_smem.at[1][...] = (p - p_hi.astype(jnp.float32)).astype(p_smem.dtype)
+        for a in range(parts):
+            p_part = p.astype(p_smem.dtype)
+            p_smem.at[a][...] = p_part
+            if a + 1 < parts:
+                p = p - p_part.astype(jnp.float32)
         plgpu.commit_smem()                                                              # make P visible to wgmma
         plgpu.barrier_wait(v_bar.at[slot])
 
@@ -223,25 +238,26 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
     k = jnp.pad(k_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D)))
     v = jnp.pad(v_BxSxKxD.astype(dtype), ((0, 0), (0, Sp - S), (0, 0), (0, Dp - D)))
     if dtype == jnp.float32:
-        q, k, v = _split_bf16(q), _split_bf16(k), _split_bf16(v)      # [2, ...] bf16: hi, lo
+        q, k, v = _split_bf16(q), _split_bf16(k), _split_bf16(v)      # [3, ...] bf16
         op_dtype = jnp.dtype(jnp.bfloat16)
     else:
         q, k, v = q[None], k[None], v[None]
         op_dtype = dtype
     parts = q.shape[0]
+    slots = 2 if parts == 1 else 1
 
     scratch = (
         (_smem((parts, bt, Dp), op_dtype),                # q tile
-         _smem((2, parts, bk, Dp), op_dtype),             # k tiles (double-buffered)
-         _smem((2, parts, bk, Dp), op_dtype),             # v tiles
-         _smem((parts, bt, bk), op_dtype),                # P (bf16x3: hi, lo)
-         plgpu.SMEM((2, bk), jnp.int32),                  # key_valid tiles
+         _smem((slots, parts, bk, Dp), op_dtype),         # k tiles
+         _smem((slots, parts, bk, Dp), op_dtype),         # v tiles
+         _smem((parts, bt, bk), op_dtype),                # P (its bf16 parts for float32)
+         plgpu.SMEM((slots, bk), jnp.int32),              # key_valid tiles
          plgpu.SMEM((bt,), jnp.int32),                    # per-query causal limit
          _smem((bt, Dp), dtype)),                         # output staging
         (plgpu.Barrier(num_arrivals=parts), plgpu.Barrier(),                        # q, causal limit
-         plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # k, per slot
-         plgpu.Barrier(num_arrivals=parts, num_barriers=2),                          # v
-         plgpu.Barrier(num_barriers=2)),                                             # key_valid
+         plgpu.Barrier(num_arrivals=parts, num_barriers=slots),                      # k, per slot
+         plgpu.Barrier(num_arrivals=parts, num_barriers=slots),                      # v
+         plgpu.Barrier(num_barriers=slots)),                                         # key_valid
     )
     kernel = functools.partial(_kernel, scale=scale, bk=bk, group=G, causal=causal,
                                interpret=interpret_params(interpret) is not None)

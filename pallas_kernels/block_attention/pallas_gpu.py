@@ -27,13 +27,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
+from pallas_kernels.block_attention.tiling import round_up, tile_ranges
+
 DEFAULT_BLOCK_Q = 64
 DEFAULT_BLOCK_K = 64
 MIN_TILE = 16  # smallest tl.dot operand dimension
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _is_pow2(x: int) -> bool:
@@ -46,7 +44,7 @@ def choose_tiles(T: int, S: int, block_q: int = DEFAULT_BLOCK_Q, block_k: int = 
         raise ValueError(f"block_q={block_q}, block_k={block_k} must be powers of two >= {MIN_TILE}")
     bt = min(block_q, max(MIN_TILE, pl.next_power_of_2(T)))
     bk = min(block_k, max(MIN_TILE, pl.next_power_of_2(S)))
-    return bt, _round_up(T, bt), bk, _round_up(S, bk)
+    return bt, round_up(T, bt), bk, round_up(S, bk)
 
 
 def _kernel(lo_ref, hi_ref, *refs, scale: float, bk: int, causal: bool, precision):
@@ -86,23 +84,6 @@ def _kernel(lo_ref, hi_ref, *refs, scale: float, bk: int, causal: bool, precisio
     o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
 
 
-def _tile_ranges(key_valid_BxSp, qlim_BxTp, T: int, bt: int, bk: int):
-    """Per (batch row, query tile): [lo, hi) key-tile range that may hold unmasked keys; each [B, nT] int32."""
-    B, Sp = key_valid_BxSp.shape
-    Tp = qlim_BxTp.shape[1]
-    n_t, n_s = Tp // bt, Sp // bk
-    any_valid = jnp.any(key_valid_BxSp, axis=1)
-    first = jnp.argmax(key_valid_BxSp, axis=1).astype(jnp.int32)
-    last1 = Sp - jnp.argmax(key_valid_BxSp[:, ::-1], axis=1).astype(jnp.int32)
-    real_row = jnp.arange(Tp, dtype=jnp.int32) < T
-    lim = jnp.where(real_row[None], qlim_BxTp, 0).reshape(B, n_t, bt).max(axis=2)
-    end = jnp.minimum(lim, last1[:, None])
-    lo = jnp.broadcast_to((first // bk)[:, None], (B, n_t))
-    hi = jnp.minimum((end + bk - 1) // bk, n_s)
-    empty = (~any_valid[:, None]) | (end <= first[:, None])
-    return jnp.where(empty, 0, lo).astype(jnp.int32), jnp.where(empty, 0, hi).astype(jnp.int32)
-
-
 def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=None, *, block_size=0,
                     scale=None, interpret=False, block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K,
                     num_warps=None, num_stages=2):
@@ -136,7 +117,7 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
         qlim = (qi // block_size + 1) * block_size
     else:
         qlim = jnp.full((B, Tp), Sp, jnp.int32)
-    lo, hi = _tile_ranges(key_valid, qlim, T, bt, bk)
+    lo, hi = tile_ranges(key_valid, qlim, T, bt, bk)
 
     q = jnp.pad(q_BxTxHxD, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
     k = jnp.pad(k_BxSxKxD, ((0, 0), (0, Sp - S), (0, 0), (0, 0)))

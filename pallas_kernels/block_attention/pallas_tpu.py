@@ -32,13 +32,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.block_attention.tiling import round_up, tile_ranges
+
 LANES = 128
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
 
 
 def _sublanes(dtype) -> int:
@@ -49,16 +47,16 @@ def _sublanes(dtype) -> int:
 def choose_tiles(T: int, S: int, dtype, block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K):
     """Return (bt, Tp, bk, Sp): query tile, padded T, key tile, padded S."""
     sub = _sublanes(dtype)
-    bt = min(_round_up(block_q, sub), _round_up(T, sub))
-    Tp = _round_up(T, bt)
+    bt = min(round_up(block_q, sub), round_up(T, sub))
+    Tp = round_up(T, bt)
     cap = max(LANES, block_k // LANES * LANES)
     if S % LANES == 0:
         # Largest multiple of 128 <= cap dividing S: a 128-aligned cache is used in place (no padding copy).
         bk = next(c for c in range(min(cap, S), 0, -LANES) if S % c == 0)
     else:
         # The cache has to be padded (copied) anyway: pad it to a multiple of the full tile.
-        bk = min(cap, _round_up(S, LANES))
-    return bt, Tp, bk, _round_up(S, bk)
+        bk = min(cap, round_up(S, LANES))
+    return bt, Tp, bk, round_up(S, bk)
 
 
 def _lanes(x, n: int):
@@ -119,25 +117,6 @@ def _kernel(lo_ref, hi_ref, *refs, scale: float, n_t: int, bk: int, causal: bool
         o_ref[...] = (acc_sc[...] * _lanes(inv, d)).astype(o_ref.dtype)
 
 
-def _tile_ranges(key_valid_BxSp, qlim_BxTp, T: int, bt: int, bk: int):
-    """Per (batch row, query tile): [lo, hi) key-tile range that may hold unmasked keys; flattened [B * nT]."""
-    B, Sp = key_valid_BxSp.shape
-    Tp = qlim_BxTp.shape[1]
-    n_t, n_s = Tp // bt, Sp // bk
-    any_valid = jnp.any(key_valid_BxSp, axis=1)
-    first = jnp.argmax(key_valid_BxSp, axis=1).astype(jnp.int32)                          # first valid key
-    last1 = Sp - jnp.argmax(key_valid_BxSp[:, ::-1], axis=1).astype(jnp.int32)            # last valid key + 1
-    real_row = jnp.arange(Tp, dtype=jnp.int32) < T
-    lim = jnp.where(real_row[None], qlim_BxTp, 0).reshape(B, n_t, bt).max(axis=2)        # [B, nT]
-    end = jnp.minimum(lim, last1[:, None])
-    lo = jnp.broadcast_to((first // bk)[:, None], (B, n_t))
-    hi = jnp.minimum((end + bk - 1) // bk, n_s)
-    empty = (~any_valid[:, None]) | (end <= first[:, None])
-    lo = jnp.where(empty, 0, lo)
-    hi = jnp.where(empty, 0, hi)
-    return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
-
-
 def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=None, *, block_size=0,
                     scale=None, interpret=False, block_q=DEFAULT_BLOCK_Q, block_k=DEFAULT_BLOCK_K):
     B, T, H, D = q_BxTxHxD.shape
@@ -167,7 +146,7 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
         qlim = (qi // block_size + 1) * block_size                                     # k_index < qlim
     else:
         qlim = jnp.full((B, Tp), Sp, jnp.int32)
-    lo, hi = _tile_ranges(key_valid, qlim, T, bt, bk)
+    lo, hi = (x.reshape(-1) for x in tile_ranges(key_valid, qlim, T, bt, bk))          # flat [B * nT]
 
     flat = D % LANES == 0
     if flat:   # [B, T, H*D]: head h is lane block h, no transposes

@@ -143,12 +143,13 @@ def train_forward(params, cfg: ModelConfig, tokens_BxT, key_valid_BxT):
 
 
 def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float = 0.0, maskable=None,
-               suffix_ok=None, tie=None):
+               suffix_ok=None, tie=None, tie_mode: str = "shared"):
     """The masked positions [B, T] and each row's masking ratio t [B] of one training step: response positions
     (prompt_len <= pos < valid_len, and `maskable` [B, T] where given) masked independently with probability t
     (LLaDA), or, in a `suffix_frac` share of the rows, every response position from a cut point on, the cut leaving
     round(t * response length) masked; `suffix_ok` [B] bool (`suffix_rows`) limits the suffix rows to those;
-    `tie` [B, T] (`make_batch`) makes positions share a draw."""
+    `tie` [B, T] (`make_batch`) ties positions' draws: `tie_mode` "shared" = a position takes its source's draw,
+    "min" = the smaller of its own and its source's (masked whenever its source is, and sometimes alone)."""
     B = prompt_len.shape[0]
     k_t, k_p, k_m = jax.random.split(key, 3)
     u = (jnp.arange(B, dtype=jnp.float32) + jax.random.uniform(k_t, (B,))) / B  # stratified U(0, 1)
@@ -160,7 +161,13 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
         resp = resp & maskable
     u = jax.random.uniform(k_m, (B, T))
     if tie is not None:
-        u = jnp.take_along_axis(u, tie, axis=1)
+        u_src = jnp.take_along_axis(u, tie, axis=1)
+        if tie_mode == "shared":
+            u = u_src
+        elif tie_mode == "min":
+            u = jnp.minimum(u, u_src)
+        else:
+            raise ValueError(f"tie_mode {tie_mode!r}: expected 'shared' or 'min'")
     masked = (u < t[:, None]) & resp
     if suffix_frac > 0:  # its own key: plain rows draw exactly what they drew without the option
         resp_len = (valid_len - prompt_len).astype(jnp.float32)
@@ -173,11 +180,11 @@ def noise_mask(key, T: int, prompt_len, valid_len, eps=1e-3, suffix_frac: float 
 
 
 def diffusion_loss(params, cfg: ModelConfig, tokens, prompt_len, valid_len, key, eps=1e-3, suffix_frac=0.0,
-                   maskable=None, suffix_ok=None, tie=None):
+                   maskable=None, suffix_ok=None, tie=None, tie_mode="shared"):
     """LLaDA SFT masked-diffusion loss (`noise_mask`), normalised by each row's maskable length. Returns
     (loss, metrics)."""
     B, T = tokens.shape
-    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac, maskable, suffix_ok, tie)
+    masked, t = noise_mask(key, T, prompt_len, valid_len, eps, suffix_frac, maskable, suffix_ok, tie, tie_mode)
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     valid = pos < valid_len[:, None]
     resp = (pos >= prompt_len[:, None]) & valid
@@ -232,7 +239,8 @@ def make_train_step(cfg: ModelConfig, tc: TrainConfig, opt):
     @partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, tokens, prompt_len, valid_len, maskable, key, suffix_ok=None, tie=None):
         (_, metrics), grads = jax.value_and_grad(diffusion_loss, has_aux=True)(
-            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac, maskable, suffix_ok, tie)
+            params, cfg, tokens, prompt_len, valid_len, key, tc.eps, tc.suffix_frac, maskable, suffix_ok, tie,
+            tc.tie_mode)
         updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

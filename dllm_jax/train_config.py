@@ -39,6 +39,11 @@ class TrainConfig:
     suffix_tasks: tuple = ()
     # tasks' `ties` honoured: a result and its later copies masked together (`arith.ties`); False = independent
     tied_noise: bool = False
+    # how a tied position draws: "shared" = its source's draw (a copy masked exactly when its source is); "min" = the
+    # smaller of its own and its source's draw (masked whenever its source is, and also alone): the state "result
+    # visible, its copy masked" is trained too, so copying a visible result is learned beside computing a masked one
+    # (run 17 miscopied visible results into the next line's operand: docs/default_model.md, session 9)
+    tie_mode: str = "shared"
     # dense auxiliary steps: every `aux_every`-th step (step % aux_every == aux_every - 1) trains on a batch of
     # `aux_batch` short rows of `aux_task` in an `aux_seq`-token buffer instead of the task mixture (e.g. `sums`:
     # hundreds of single equations per step, which the long mixture rows cannot hold); 0 = off
@@ -71,12 +76,14 @@ class TrainConfig:
         return TrainConfig(**d)
 
 
-def _chain_preset(name: str, steps: int, seed: int, suffix_frac: float, weights, tied_noise: bool = False):
+def _chain_preset(name: str, steps: int, seed: int, suffix_frac: float, weights, tied_noise: bool = False,
+                  tie_mode: str = "shared", lr: float = 5e-4):
     """The session-8 continuations: lr 5e-4, `rawdrill` rows every 4th step, a `suffix_frac` share of the arith
     rows suffix-masked; `weights` = arith / chainstep / code / sort (`ask` 0.05)."""
     arith, chainstep, code, sort = weights
-    return TrainConfig(name=name, n_layers=6, steps=steps, lr=5e-4, warmup=50, ckpt_every=200, log_every=50,
+    return TrainConfig(name=name, n_layers=6, steps=steps, lr=lr, warmup=50, ckpt_every=200, log_every=50,
                        seed=seed, suffix_frac=suffix_frac, suffix_tasks=("arith",), tied_noise=tied_noise,
+                       tie_mode=tie_mode,
                        task_weights=(("arith", arith), ("chainstep", chainstep), ("ask", 0.05), ("code", code),
                                      ("sort", sort)),
                        aux_task="rawdrill", aux_every=4, aux_batch=64, aux_seq=160)
@@ -150,6 +157,9 @@ PRESETS = {
     # next (started at the end of session 8, resumable): run 15 continued longer with more arith (68.5 % at n = 200,
     # the only task under 80 %); code and sort passed 80 % with 0.25 / 0.30
     "cont14": _chain_preset("cont14", 1500, 17, 0.25, (0.40, 0.05, 0.20, 0.35), tied_noise=True),
+    # run 17 (`cont14`: arith 72 %) miscopied visible results into the next line's operand (~45 of its 56 errors):
+    # shared ties never train "result visible, copy masked"; "min" ties do (session 9)
+    "cont15": _chain_preset("cont15", 600, 18, 0.25, (0.40, 0.05, 0.20, 0.35), tied_noise=True, tie_mode="min"),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

@@ -245,6 +245,36 @@ def test_tied_noise_masks_a_result_with_its_copies(tmp_path):
     assert r["step"] == 2 and all(np.isfinite(h["loss"]) for h in r["history"])
 
 
+def test_min_ties_mask_a_copy_whenever_its_source_and_sometimes_alone(tmp_path):
+    """`tie_mode="min"`: a copy is masked whenever its source is (never visible while the result it repeats is
+    masked), and also alone (the state "result visible, copy masked" that shared ties never train); untied positions
+    draw exactly as without ties; an unknown mode is an error; a run trains with it."""
+    tok = CharTokenizer()
+    tc = dataclasses.replace(train.PRESETS["tiny"], batch_size=32, steps=2, ckpt_every=2, log_every=1,
+                             task_weights=(("arith", 1.0),), tied_noise=True, tie_mode="min")
+    tokens, pl, vl, mk, tie = train.make_batch(tc, 0, tok)
+    T = tokens.shape[1]
+    free = tie == np.arange(T)[None]
+    rows, cols = np.nonzero(~free)
+    alone = 0
+    for s in range(4):
+        args = (jax.random.key(s), T, jnp.asarray(pl), jnp.asarray(vl))
+        plain = np.asarray(train.noise_mask(*args, maskable=jnp.asarray(mk))[0])
+        shared = np.asarray(train.noise_mask(*args, maskable=jnp.asarray(mk), tie=jnp.asarray(tie))[0])
+        tm = np.asarray(train.noise_mask(*args, maskable=jnp.asarray(mk), tie=jnp.asarray(tie), tie_mode="min")[0])
+        np.testing.assert_array_equal(tm[free], plain[free])
+        src = tm[rows, tie[rows, cols]]
+        assert tm[rows, cols][src].all()  # source masked -> copy masked
+        np.testing.assert_array_equal(tm[rows, cols], plain[rows, cols] | src)  # the min of the two draws
+        alone += int((tm[rows, cols] & ~src).sum())
+        assert (tm >= shared).all()
+    assert alone > 0
+    with pytest.raises(ValueError, match="tie_mode"):
+        train.noise_mask(jax.random.key(0), T, jnp.asarray(pl), jnp.asarray(vl), tie=jnp.asarray(tie), tie_mode="x")
+    r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)
+    assert r["step"] == 2 and all(np.isfinite(h["loss"]) for h in r["history"])
+
+
 def test_tiny_trains_and_loss_decreases(tiny_run):
     root, out, res = tiny_run
     tc = res["train_config"]

@@ -160,6 +160,8 @@ PRESETS = {
     # run 17 (`cont14`: arith 72 %) miscopied visible results into the next line's operand (~45 of its 56 errors):
     # shared ties never train "result visible, copy masked"; "min" ties do (session 9)
     "cont15": _chain_preset("cont15", 600, 18, 0.25, (0.40, 0.05, 0.20, 0.35), tied_noise=True, tie_mode="min"),
+    # the same beside it with a larger arith share (code and sort had margin in run 17: 93 / 87 %)
+    "cont16": _chain_preset("cont16", 600, 19, 0.25, (0.50, 0.05, 0.15, 0.30), tied_noise=True, tie_mode="min"),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

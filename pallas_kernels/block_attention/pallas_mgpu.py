@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.block_attention.tiling import round_up, tile_ranges
+from pallas_kernels.block_attention.tiling import check_args, padded_masks, round_up, tile_ranges
 
 BLOCK_Q = 64            # rows of one warpgroup wgmma: the query tile is fixed
 DEFAULT_BLOCK_K = 64
@@ -206,29 +206,16 @@ def block_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT=
                     scale=None, interpret=False, block_k=DEFAULT_BLOCK_K):
     B, T, H, D = q_BxTxHxD.shape
     _, S, K, Dk = k_BxSxKxD.shape
-    if k_BxSxKxD.shape != v_BxSxKxD.shape or Dk != D or k_BxSxKxD.shape[0] != B:
-        raise ValueError(f"shape mismatch: q {q_BxTxHxD.shape}, k {k_BxSxKxD.shape}, v {v_BxSxKxD.shape}")
-    if H % K:
-        raise ValueError(f"query heads {H} must be a multiple of kv heads {K}")
-    if key_valid_BxS.shape != (B, S):
-        raise ValueError(f"key_valid shape {key_valid_BxS.shape} != {(B, S)}")
+    causal = check_args(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, key_valid_BxS, q_index_BxT, block_size)
     dtype = jnp.dtype(q_BxTxHxD.dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)):
         raise ValueError(f"pallas_mgpu supports bfloat16, float16 and float32 inputs, got {dtype}")
-    causal = bool(block_size)
-    if causal and q_index_BxT is None:
-        raise ValueError("block-causal attention needs query indices")
     G = H // K
     scale = D ** -0.5 if scale is None else float(scale)
     bt, Tp, bk, Sp = choose_tiles(T, S, block_k, dtype)
     n_t = Tp // bt
 
-    key_valid = jnp.pad(key_valid_BxS.astype(bool), ((0, 0), (0, Sp - S)))
-    if causal:
-        qi = jnp.pad(q_index_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)))
-        qlim = (qi // block_size + 1) * block_size
-    else:
-        qlim = jnp.full((B, Tp), Sp, jnp.int32)
+    key_valid, qlim = padded_masks(key_valid_BxS, q_index_BxT, block_size, Tp, Sp)  # k_index < qlim
     lo, hi = tile_ranges(key_valid, qlim, T, bt, bk)
     # [lo, hi) per program, padded to 4 int32 (16 bytes); read as scalars from GMEM
     ranges = jnp.stack([lo, hi, lo, hi], axis=-1)

@@ -127,11 +127,8 @@ def plots(result: dict, out_dir: str) -> list[str]:
         ax.set(xscale="log", yscale="log", xlabel="generation length (tokens)", ylabel="tokens/s",
                title=f"{pr} prompt, batch {b0}")
         _log2_ticks(ax, sorted({p["gen_length"] for p in pts}))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.append(_save(fig, out_dir, "throughput_vs_gen_length.png"))
+        _grid_legend(ax)
+    files.append(_finish(fig, title, out_dir, "throughput_vs_gen_length.png"))
 
     # throughput vs batch size (the generation length with the most batch sizes)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -151,11 +148,8 @@ def plots(result: dict, out_dir: str) -> list[str]:
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="tokens/s (all rows)",
            title=f"{pr} prompt, generation length {g}")
     _log2_ticks(ax, sorted({p["batch"] for p in ok}))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.append(_save(fig, out_dir, "throughput_vs_batch.png"))
+    _grid_legend(ax)
+    files.append(_finish(fig, title, out_dir, "throughput_vs_batch.png"))
 
     # roofline
     pk = result["peak"]
@@ -175,9 +169,7 @@ def plots(result: dict, out_dir: str) -> list[str]:
            ylabel="achieved FLOP/s", title="achieved vs attainable (marker size ~ log batch)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.append(_save(fig, out_dir, "roofline.png"))
+    files.append(_finish(fig, title, out_dir, "roofline.png"))
     plt.close("all")
     return files
 
@@ -189,6 +181,17 @@ def _log2_ticks(ax, values):
     ax.set_xticklabels([str(v) for v in values])
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _grid_legend(ax):
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _finish(fig, title, out_dir, name):
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
 
 
 def _save(fig, out_dir, name):

@@ -164,6 +164,8 @@ PRESETS = {
     "cont16": _chain_preset("cont16", 600, 19, 0.25, (0.50, 0.05, 0.15, 0.30), tied_noise=True, tie_mode="min"),
     # run 18 (`cont15`) reached 87 % arith and 92 % sort, but code fell from 93 to 72 %: a short tail with more code
     "cont17": _chain_preset("cont17", 300, 20, 0.25, (0.30, 0.05, 0.40, 0.20), tied_noise=True, tie_mode="min"),
+    "cont18": _chain_preset("cont18", 300, 21, 0.25, (0.30, 0.05, 0.40, 0.20), tied_noise=True, tie_mode="min",
+                            lr=2e-4),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

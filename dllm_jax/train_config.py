@@ -60,6 +60,10 @@ class TrainConfig:
     # warm start: a converted checkpoint dir of the same shape whose params replace the random init at step 0
     init_from: str = ""
 
+    def __post_init__(self):
+        if self.tie_mode not in ("shared", "min"):
+            raise ValueError(f"TrainConfig.tie_mode {self.tie_mode!r}: expected 'shared' or 'min'")
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["task_weights"] = [list(p) for p in self.task_weights]
@@ -78,8 +82,8 @@ class TrainConfig:
 
 def _chain_preset(name: str, steps: int, seed: int, suffix_frac: float, weights, tied_noise: bool = False,
                   tie_mode: str = "shared", lr: float = 5e-4):
-    """The session-8 continuations: lr 5e-4, `rawdrill` rows every 4th step, a `suffix_frac` share of the arith
-    rows suffix-masked; `weights` = arith / chainstep / code / sort (`ask` 0.05)."""
+    """The session-8/9 continuations: lr 5e-4 unless given, `rawdrill` rows every 4th step, a `suffix_frac` share of
+    the arith rows suffix-masked; `weights` = arith / chainstep / code / sort (`ask` 0.05)."""
     arith, chainstep, code, sort = weights
     return TrainConfig(name=name, n_layers=6, steps=steps, lr=lr, warmup=50, ckpt_every=200, log_every=50,
                        seed=seed, suffix_frac=suffix_frac, suffix_tasks=("arith",), tied_noise=tied_noise,

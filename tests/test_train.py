@@ -269,6 +269,8 @@ def test_min_ties_mask_a_copy_whenever_its_source_and_sometimes_alone(tmp_path):
         alone += int((tm[rows, cols] & ~src).sum())
         assert (tm >= shared).all()
     assert alone > 0
+    with pytest.raises(ValueError, match="tie_mode 'x'"):
+        dataclasses.replace(tc, tie_mode="x")
     with pytest.raises(ValueError, match="tie_mode"):
         train.noise_mask(jax.random.key(0), T, jnp.asarray(pl), jnp.asarray(vl), tie=jnp.asarray(tie), tie_mode="x")
     r = train.train(tc, work_dir=str(tmp_path / "w"), progress=False)

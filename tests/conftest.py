@@ -30,7 +30,9 @@ def kernel_interpret():
             return True
         import jax
 
-        need = {"pallas_tpu": "tpu", "pallas_gpu": "gpu", "pallas_mgpu": "gpu"}[impl]
+        from pallas_kernels.block_attention.api import required_backend
+
+        need = required_backend(impl)
         if jax.default_backend() != need:
             pytest.skip(f"DLLM_KERNEL_HW=1: {impl} needs a {need.upper()}; this backend is {jax.default_backend()}")
         return False

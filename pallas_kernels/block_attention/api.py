@@ -46,6 +46,11 @@ def available_implementations() -> tuple[str, ...]:
     return IMPLEMENTATIONS
 
 
+def required_backend(name: str) -> str | None:
+    """The backend a named kernel compiles for ("tpu" / "gpu"); None for "reference" and "auto"."""
+    return _KERNEL_BACKEND.get(name)
+
+
 def runnable_implementations(interpret: bool = False) -> tuple[str, ...]:
     """Names that resolve without error on the default backend (kernels only on their own hardware unless
     `interpret`)."""

@@ -107,7 +107,8 @@ def schedule_from_args(a, model_cfg):
 def _add_schedule_args(p):
     p.add_argument("--schedule", default=None,
                    help="preset name (see `dllm-jax presets`; default: the model family's preset, else vanilla)")
-    p.add_argument("--gen-length", type=int, default=64)
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="response canvas in tokens (default: the model's `default_gen_length`, else 64)")
     p.add_argument("--steps", type=int)
     p.add_argument("--block-length", type=int)
     p.add_argument("--threshold", type=float)
@@ -172,6 +173,8 @@ def cmd_generate(a) -> int:
             rows = [[int(t) for t in a.ids.split(",") if t.strip()]]
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
+    if a.gen_length is None:  # the embedded model's code answers need 128 (64 would cut them and garble them)
+        a.gen_length = int(model.cfg.get("default_gen_length", 64))
     sched = schedule_from_args(a, model.cfg)
     out = generate(model, rows, gen_length=a.gen_length, schedule=sched, seed=a.seed, mesh=mesh,
                    trace=a.show_steps)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dllm_jax.evaluate import gen_length_for
 from dllm_jax import tasks as tasks_mod
 from dllm_jax.models.config import ModelConfig
 from dllm_jax.models import transformer as tf
@@ -47,7 +48,9 @@ def model_config(tc: TrainConfig, tok: CharTokenizer | None = None) -> ModelConf
         n_kv_heads=tc.n_heads, head_dim=tc.head_dim, mlp_hidden=tc.mlp_hidden, rope_theta=10000.0, norm_eps=1e-5,
         qkv_bias=False, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
         max_seq_len=max(tc.max_seq_len, tc.seq_len), logit_shift=False, block_causal=0,
-        extra=(("bos_token_id", tok.bos_id), ("eot_token_id", tok.eot_id)))
+        extra=(("bos_token_id", tok.bos_id), ("eot_token_id", tok.eot_id),
+               # the canvas `dllm-jax generate` uses unless told: the longest answer of the evaluated tasks fits
+               ("default_gen_length", max(gen_length_for(t) for t in tasks_mod.list_tasks()))))
 
 
 # ---------------------------------------------------------------- data

@@ -170,6 +170,9 @@ PRESETS = {
     "cont17": _chain_preset("cont17", 300, 20, 0.25, (0.30, 0.05, 0.40, 0.20), tied_noise=True, tie_mode="min"),
     "cont18": _chain_preset("cont18", 300, 21, 0.25, (0.30, 0.05, 0.40, 0.20), tied_noise=True, tie_mode="min",
                             lr=2e-4),
+    # session 10: run 21 (`cont18`: 86 / 79 / 86 %) is one point under on code; its mixture three times as long
+    "cont19": _chain_preset("cont19", 900, 22, 0.25, (0.30, 0.05, 0.40, 0.20), tied_noise=True, tie_mode="min",
+                            lr=2e-4),
     "tiny": TrainConfig(name="tiny", d_model=32, n_layers=2, n_heads=2, head_dim=16, mlp_hidden=64, batch_size=8,
                         steps=20, lr=3e-3, warmup=2, ckpt_every=5, log_every=1),
 }

@@ -31,6 +31,22 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
+@pytest.mark.parametrize("prompt,answer", [
+    ("Sort the digits: 8558910657529830946319", "0011233455556678889999"),
+    ("What is 12 + 35?", "012+035=047\n#### 047"),
+    # a held-out code prompt: its answer (65 characters) does not fit the old default canvas of 64
+    ("Write h(k, q): if k is equal to q give k minus q, else give k plus k.",
+     "def h(k, q):\n    if k == q:\n        return k - q\n    return k + k"),
+])
+def test_generate_answers_each_task_with_the_defaults(prompt, answer, capsys):
+    """`dllm-jax generate "..."` with no option: the embedded model's canvas is its `default_gen_length` (128),
+    long enough for every task's answer, and the answer is right (issue 16)."""
+    rc, out, err = run_cli(["generate", prompt], capsys)
+    assert rc == 0, err
+    assert out.strip() == answer, out
+    assert "NFE [128]" in err, err
+
+
 def test_bench_missing_model_and_unknown_preset(tmp_path, capsys):
     rc, _, err = run_cli(["bench", "--preset", "quick", "--model", str(tmp_path / "nonexistent")], capsys)
     assert rc == 2

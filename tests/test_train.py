@@ -366,13 +366,18 @@ def test_main_cli(tmp_path, capsys):
     assert train.main(["train", "--preset", "tiny", "--out", out, "--steps", "2", "--no-progress"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["steps"] == 2 and os.path.isfile(os.path.join(out, "dllm_jax_config.json"))
+    with open(os.path.join(out, "dllm_jax_config.json")) as f:
+        extra = dict(map(tuple, json.load(f)["model"]["extra"]))
+    assert extra["default_gen_length"] == 128  # the code task's longest answer + EOS, in blocks of 32
     assert train.main(["--preset", "tiny", "--out", out, "--steps", "2", "--resume", "--no-progress"]) == 0
 
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(train.__file__), "assets", "default_model")
 
 
-TARGET_NOT_MET = pytest.mark.xfail(reason="the >= 80 % target is not reached yet (see docs/default_model.md)",
+# the shipped model reaches the target (run 22, a 32 700-step chain of presets, docs/default_model.md); one run of
+# the from-scratch `default` preset does not
+TARGET_NOT_MET = pytest.mark.xfail(reason="one `default` run from scratch stays far under 80 % (docs/default_model.md)",
                                    strict=False)
 
 
@@ -385,8 +390,9 @@ def test_default_training_reaches_target(tmp_path):
 
 
 @pytest.mark.slow
-@TARGET_NOT_MET
 def test_shipped_default_model_accuracy():
+    """The shipped model's >= 80 % held-out exact match per task (n = 200, greedy one token per step; ~9 min on one
+    core; run 22 passes)."""
     import dllm_jax
 
     if not os.path.isfile(os.path.join(DEFAULT_MODEL, "dllm_jax_config.json")):

@@ -70,3 +70,18 @@ def _release_compiled_programs():
     clear_program_caches()
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_compilation_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in one directory for the whole run, shared by the xdist workers: a program
+    that another module or the other worker already compiled (the modules drop their programs, see above) is read
+    back instead of compiled again. DLLM_JAX_TEST_XLA_CACHE=0 turns it off (every program compiled, as before)."""
+    if os.environ.get("DLLM_JAX_TEST_XLA_CACHE", "1") == "0":
+        yield None
+        return
+    from dllm_jax.utils import enable_compilation_cache
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    yield enable_compilation_cache(str(root / "xla_cache"), min_compile_time_s=0.0)

@@ -330,3 +330,20 @@ def test_sigterm_drains_in_flight_requests(server, ref):
         assert done and ids == want and text == ref.decode(want), (i, out[i])
     server["log"].seek(0)
     assert "stopped after" in server["log"].read()
+
+
+def test_gen_buckets_follow_the_model_unless_given(fixtures):
+    """The embedded model declares a 128-token canvas (its code answers need it): `dllm-jax serve` with no
+    --gen-buckets compiles it beside 32 and 64 and uses it for requests without max_tokens; a model that declares
+    nothing keeps 32,64 / 64; explicit flags win."""
+    from dllm_jax.serve.server import build_parser, model_gen_defaults
+
+    default_cfg = dllm_jax.load(default_model_path()).cfg
+    assert model_gen_defaults(default_cfg, None, None) == ((32, 64, 128), 128)
+    assert model_gen_defaults(default_cfg, (16, 32), None) == ((16, 32), 32)
+    assert model_gen_defaults(default_cfg, None, 40) == ((32, 64, 128), 40)
+    tiny_cfg = dllm_jax.load(str(fixtures / "llada_tiny")).cfg  # a converted HF checkpoint: declares nothing
+    assert tiny_cfg.get("default_gen_length") is None
+    assert model_gen_defaults(tiny_cfg, None, None) == ((32, 64), 64)
+    a = build_parser().parse_args([])
+    assert a.gen_buckets is None and a.default_max_tokens is None

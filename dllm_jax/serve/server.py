@@ -44,11 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cache schedules: the most rows one refresh (full) forward runs on when slots are at different "
                          "block phases; rows beyond wait one iteration (tokens unchanged). auto: ceil(slots / 8); "
                          "'all': every row that needs it (a full forward over the whole batch)")
-    ap.add_argument("--prompt-buckets", default="32,64", help="prompt lengths compiled (multiples of 32, as "
-                                                                   "`generate` pads a prompt alone)")
-    ap.add_argument("--gen-buckets", default="32,64", help="generation lengths compiled; max_tokens is rounded "
-                                                                "up to the next one")
-    ap.add_argument("--default-max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-buckets", default=None, help="prompt lengths compiled (multiples of 32, as `generate` "
+                                                               "pads a prompt alone; default: 32,64,128, those that "
+                                                               "fit the model's maximum length)")
+    ap.add_argument("--gen-buckets", default=None, help="generation lengths compiled; max_tokens is rounded up to "
+                                                            "the next one (default: 32,64 and the model's "
+                                                            "default_gen_length if it declares a longer one)")
+    ap.add_argument("--default-max-tokens", type=int, default=None,
+                    help="max_tokens of a request that gives none (default: the model's default_gen_length, else 64)")
     ap.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     ap.add_argument("--chunk", type=int, default=8, help="loop iterations per device call (a quarter of it while "
                                                          "a slot of the group is free)")
@@ -65,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def model_gen_defaults(model_cfg, gen_buckets, default_max_tokens):
+    """The generation buckets and default max_tokens, given what the command line said (None: not given). A model
+    that declares `default_gen_length` (the embedded one: 128, its code answers need it) gets that canvas by default,
+    as `dllm-jax generate` does; an explicit `--gen-buckets` / `--default-max-tokens` wins."""
+    declared = model_cfg.get("default_gen_length")
+    if gen_buckets is None:
+        gen_buckets = tuple(sorted({32, 64} | ({int(declared)} if declared else set())))
+    if default_max_tokens is None:
+        default_max_tokens = min(int(declared or 64), gen_buckets[-1])
+    return gen_buckets, default_max_tokens
+
+
 def make_server(a):
     import dllm_jax
     from dllm_jax.cli import default_model_path, parse_mesh, parse_set
@@ -74,10 +89,8 @@ def make_server(a):
     if not os.path.exists(path):
         raise FileNotFoundError(f"model {path!r} not found")
     settings = parse_set(a.set)
-    p_buckets = _ints(a.prompt_buckets, "prompt-buckets")
-    g_buckets = _ints(a.gen_buckets, "gen-buckets")
-    if any(p % 32 for p in p_buckets):
-        raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
+    p_buckets = _ints(a.prompt_buckets, "prompt-buckets") if a.prompt_buckets is not None else None
+    g_buckets = _ints(a.gen_buckets, "gen-buckets") if a.gen_buckets is not None else None
     if a.slots < 1 or a.max_queue < 0 or a.chunk < 1:
         raise ValueError("--slots and --chunk must be >= 1 and --max-queue >= 0")
     if a.batch_sizes == "auto":
@@ -94,6 +107,11 @@ def make_server(a):
         refresh_rows = _ints(a.refresh_rows, "refresh-rows")[0]
     mesh = parse_mesh(a.mesh)
     model = dllm_jax.load(path, dtype=a.dtype, mesh=mesh)
+    g_buckets, default_max_tokens = model_gen_defaults(model.cfg, g_buckets, a.default_max_tokens)
+    if p_buckets is None:  # the task prompts of the embedded model run to ~100 tokens with the chat template
+        p_buckets = tuple(p for p in (32, 64, 128) if p == 32 or p + g_buckets[-1] <= model.cfg.max_seq_len)
+    if any(p % 32 for p in p_buckets):
+        raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
     if p_buckets[-1] + g_buckets[-1] > model.cfg.max_seq_len:
         raise ValueError(f"the largest prompt bucket {p_buckets[-1]} + gen bucket {g_buckets[-1]} exceeds the "
                          f"model's maximum length {model.cfg.max_seq_len}")
@@ -105,7 +123,7 @@ def make_server(a):
     model_id = a.model_id or ("dllm-jax-default" if a.model is None else os.path.basename(os.path.normpath(path)))
     cfg = ServeConfig(model=model, tokenizer=tok, model_id=model_id, schedule=a.schedule, settings=settings,
                       prompt_buckets=p_buckets, gen_buckets=g_buckets, slots=a.slots,
-                      default_max_tokens=a.default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
+                      default_max_tokens=default_max_tokens, compile_on_demand=not a.no_compile_on_demand,
                       max_programs=a.max_programs, mesh=mesh, batch_sizes=sizes, refresh_rows=refresh_rows)
     server = Server(cfg, {"max_queue": a.max_queue, "chunk": a.chunk, "static": a.batching == "static"})
     n_sizes = len(set(sizes) | {a.slots})

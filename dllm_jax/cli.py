@@ -104,6 +104,12 @@ def schedule_from_args(a, model_cfg):
         raise ValueError(f"preset {a.schedule!r} does not take these arguments ({e})") from None
 
 
+def default_gen_length(model_cfg) -> int:
+    """The canvas `generate` and `serve` use unless told: the model's declared `default_gen_length` (the embedded
+    model: 128, its code answers need it; 64 would cut and garble them), else 64."""
+    return int(model_cfg.get("default_gen_length", 64))
+
+
 def _add_schedule_args(p):
     p.add_argument("--schedule", default=None,
                    help="preset name (see `dllm-jax presets`; default: the model family's preset, else vanilla)")
@@ -173,8 +179,8 @@ def cmd_generate(a) -> int:
             rows = [[int(t) for t in a.ids.split(",") if t.strip()]]
         except ValueError:
             raise ValueError(f"--ids must be comma-separated integers, got {a.ids!r}") from None
-    if a.gen_length is None:  # the embedded model's code answers need 128 (64 would cut them and garble them)
-        a.gen_length = int(model.cfg.get("default_gen_length", 64))
+    if a.gen_length is None:
+        a.gen_length = default_gen_length(model.cfg)
     sched = schedule_from_args(a, model.cfg)
     out = generate(model, rows, gen_length=a.gen_length, schedule=sched, seed=a.seed, mesh=mesh,
                    trace=a.show_steps)

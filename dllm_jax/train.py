@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dllm_jax.evaluate import gen_length_for
 from dllm_jax import tasks as tasks_mod
+from dllm_jax.evaluate import gen_length_for
 from dllm_jax.models.config import ModelConfig
 from dllm_jax.models import transformer as tf
 from dllm_jax.models.transformer import forward, init_params

@@ -347,3 +347,10 @@ def test_gen_buckets_follow_the_model_unless_given(fixtures):
     assert model_gen_defaults(tiny_cfg, None, None) == ((32, 64), 64)
     a = build_parser().parse_args([])
     assert a.gen_buckets is None and a.default_max_tokens is None
+
+
+def test_bad_prompt_buckets_refused_before_the_model_loads():
+    from dllm_jax.serve.server import build_parser, make_server
+
+    with pytest.raises(ValueError, match="multiples of 32"):
+        make_server(build_parser().parse_args(["--prompt-buckets", "32,33"]))

@@ -69,14 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def model_gen_defaults(model_cfg, gen_buckets, default_max_tokens):
-    """The generation buckets and default max_tokens, given what the command line said (None: not given). A model
-    that declares `default_gen_length` (the embedded one: 128, its code answers need it) gets that canvas by default,
-    as `dllm-jax generate` does; an explicit `--gen-buckets` / `--default-max-tokens` wins."""
-    declared = model_cfg.get("default_gen_length")
+    """The generation buckets and default max_tokens, given what the command line said (None: not given): 32, 64 and
+    the model's default canvas (`cli.default_gen_length`, as `dllm-jax generate` uses), and that canvas for a request
+    without max_tokens; an explicit `--gen-buckets` / `--default-max-tokens` wins."""
+    from dllm_jax.cli import default_gen_length
+
+    g = default_gen_length(model_cfg)
     if gen_buckets is None:
-        gen_buckets = tuple(sorted({32, 64} | ({int(declared)} if declared else set())))
+        gen_buckets = tuple(sorted({32, 64, g}))
     if default_max_tokens is None:
-        default_max_tokens = min(int(declared or 64), gen_buckets[-1])
+        default_max_tokens = min(g, gen_buckets[-1])
     return gen_buckets, default_max_tokens
 
 
@@ -90,6 +92,8 @@ def make_server(a):
         raise FileNotFoundError(f"model {path!r} not found")
     settings = parse_set(a.set)
     p_buckets = _ints(a.prompt_buckets, "prompt-buckets") if a.prompt_buckets is not None else None
+    if p_buckets is not None and any(p % 32 for p in p_buckets):  # before loading the model
+        raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
     g_buckets = _ints(a.gen_buckets, "gen-buckets") if a.gen_buckets is not None else None
     if a.slots < 1 or a.max_queue < 0 or a.chunk < 1:
         raise ValueError("--slots and --chunk must be >= 1 and --max-queue >= 0")
@@ -110,8 +114,6 @@ def make_server(a):
     g_buckets, default_max_tokens = model_gen_defaults(model.cfg, g_buckets, a.default_max_tokens)
     if p_buckets is None:  # the task prompts of the embedded model run to ~100 tokens with the chat template
         p_buckets = tuple(p for p in (32, 64, 128) if p == 32 or p + g_buckets[-1] <= model.cfg.max_seq_len)
-    if any(p % 32 for p in p_buckets):
-        raise ValueError(f"--prompt-buckets must be multiples of 32 (the buckets `generate` pads to), got {p_buckets}")
     if p_buckets[-1] + g_buckets[-1] > model.cfg.max_seq_len:
         raise ValueError(f"the largest prompt bucket {p_buckets[-1]} + gen bucket {g_buckets[-1]} exceeds the "
                          f"model's maximum length {model.cfg.max_seq_len}")

@@ -2,11 +2,13 @@
 
     pip install torch==2.13.0 einops        # benchmark only: torch is NOT a dependency of dllm-jax
     python benchmarks/vs_pytorch.py --llada-repo PATH/LLaDA --fastdllm-repo PATH/Fast-dLLM \
-        [--cases llada_g128_b1,fastdllm_dual_g128] [--repeats 2] [--out docs/benchmarks/vs_pytorch.md]
+        [--fastdllm-v2-model PATH/Fast_dLLM_v2_7B] [--cases llada_g128_b1,fastdllm_dual_g128,dream_maskgit_g128] \
+        [--repeats 2] [--out docs/benchmarks/vs_pytorch.md]
 
 The official code is imported at run time from the two checkouts (ML-GSAI/LLaDA `generate.py`; NVlabs/Fast-dLLM
 `llada/generate.py` and its model `llada/model/modeling_llada.py`, which both functions run, as in the golden data);
-nothing of it is copied here. The model is built from the official class directly (no `from_pretrained`, so any
+nothing of it is copied here. The Dream and Fast-dLLM v2 cases (`dream_*`, `fastdllm_dream_*`, `v2_*`) live in
+vs_pytorch_qwen.py (their official code, model and mapping); this script runs every case with the same protocol. The model is built from the official class directly (no `from_pretrained`, so any
 transformers version works), given seeded random weights drawn the way the golden checkpoints were (embeddings
 N(0,1); linear N(0,1)/sqrt(fan_in), q/k x3, v/out x2; norms 1 + 0.1 N(0,1); LM head N(0,1)/sqrt(d) x6 with the mask
 row 0, so softmaxes are peaked and threshold decoding commits several tokens per forward), and saved as an HF
@@ -265,6 +267,23 @@ def prompts_for(batch: int, plen: int, seed: int):
     return rng.integers(0, EOS_ID, size=(batch, plen)).astype(np.int32)
 
 
+def _models_line(rows) -> str:
+    fams = {r.get("family", "llada") for r in rows}
+    out = []
+    if "llada" in fams:
+        s = MODEL_SHAPE
+        out.append(f"random-weight LLaDA (d_model {s['d_model']}, {s['n_layers']} layers, {s['n_heads']} heads, "
+                   f"MLP {s['mlp_hidden_size']}, vocab {s['vocab_size']})")
+    for fam, what in (("dream", "Dream"), ("fastdllm_v2", "Fast-dLLM v2 (Qwen2.5)")):
+        if fam in fams:
+            from vs_pytorch_qwen import QWEN_SHAPE as q
+
+            out.append(f"random-weight {what} (hidden {q['hidden_size']}, {q['num_hidden_layers']} layers, "
+                       f"{q['num_attention_heads']} heads / {q['num_key_value_heads']} KV heads, MLP "
+                       f"{q['intermediate_size']}, vocab {q['vocab_size']}, q/k/v biases)")
+    return "; ".join(out)
+
+
 def write_table(path, rows, args, header_note):
     import jax
     import torch
@@ -275,9 +294,8 @@ def write_table(path, rows, args, header_note):
         f"column). torch {torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
         f"jax {jax.__version__} CPU (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}).",
-        f"Model: random-weight LLaDA (d_model {MODEL_SHAPE['d_model']}, {MODEL_SHAPE['n_layers']} layers, "
-        f"{MODEL_SHAPE['n_heads']} heads, MLP {MODEL_SHAPE['mlp_hidden_size']}, vocab {MODEL_SHAPE['vocab_size']}; "
-        f"weight seed {args.weight_seed}, q/k scale {getattr(args, 'qk_scale', 3.0)}), prompt {args.prompt_len} random ids (seed {args.prompt_seed}), float32, "
+        f"Model: {_models_line(rows)}; weight seed {args.weight_seed}, q/k scale {getattr(args, 'qk_scale', 3.0)}; "
+        f"prompt {args.prompt_len} random ids (seed {args.prompt_seed}) unless the case says, float32, "
         f"block length 32, temperature 0. Timed: best (min) and median of n runs per side (n in the torch column), "
         "official and ours alternated; compile and the untimed check run excluded.",
         "Counting rule: NFE = model forwards per row (official: counted calls of the model; ours: "
@@ -326,11 +344,90 @@ def write_table(path, rows, args, header_note):
 TABLE_START, TABLE_END = "<!-- vs_pytorch.py table: start -->", "<!-- vs_pytorch.py table: end -->"
 
 
+class _Sides:
+    """The official and our runner of each family, built on first use (a family's checkpoint and code are only
+    loaded when one of its cases is selected)."""
+
+    def __init__(self, a):
+        self.a, self.built = a, {}
+
+    def get(self, family):
+        if family not in self.built:
+            self.built[family] = getattr(self, "_" + family)()
+        return self.built[family]
+
+    def _llada(self):
+        a = self.a
+        if not a.llada_repo or not a.fastdllm_repo:
+            raise SystemExit("the LLaDA cases need --llada-repo and --fastdllm-repo")
+        llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig = import_official(a.llada_repo, a.fastdllm_repo)
+        tmodel = build_official_model(LLaDAModelLM, LLaDAConfig, a.checkpoint, a.weight_seed, a.qk_scale)
+        counter = CallCounter(tmodel)
+        import dllm_jax
+
+        jmodel = dllm_jax.load(a.checkpoint)
+        return dict(
+            prompt=lambda c, seed: prompts_for(c.batch, a.prompt_len, seed),
+            official=lambda c, p: run_official(c, (llada_gen, fast_gen), tmodel, counter, p),
+            ours=lambda c, p, ref=None: run_ours(c, jmodel, p, reference_work=ref),
+            same=lambda x, y, p: compare_tokens(x, y, a.prompt_len))
+
+    def _qwen(self, family):
+        import vs_pytorch_qwen as q
+
+        a = self.a
+        if family == "dream":
+            if not a.fastdllm_repo:
+                raise SystemExit("the Dream cases need --fastdllm-repo (NVlabs/Fast-dLLM, its dream/model/)")
+            mods = q.import_dream(a.fastdllm_repo)
+        else:
+            if not a.fastdllm_v2_model:
+                raise SystemExit("the Fast-dLLM v2 cases need --fastdllm-v2-model (modeling.py + configuration.py "
+                                 "of the hub repository Efficient-Large-Model/Fast_dLLM_v2_7B)")
+            repo = a.fastdllm_v2_repo or a.fastdllm_repo
+            if not repo:
+                raise SystemExit("the Fast-dLLM v2 batch_sample case needs --fastdllm-v2-repo or --fastdllm-repo")
+            mods = q.import_fastdllm_v2(a.fastdllm_v2_model, repo)
+        ckpt = os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"vs_pytorch_{family}_d512")
+        tmodel = q.build_official(family, mods, ckpt, a.weight_seed, a.qk_scale)
+        off = q.OfficialQwen(family, mods, tmodel)
+        import dllm_jax
+
+        jmodel = dllm_jax.load(ckpt)
+        return dict(
+            prompt=lambda c, seed: q.prompts_for(c, a.prompt_len, seed),
+            official=off.run,
+            ours=lambda c, p, ref=None: q.run_ours(c, jmodel, p, reference_work=bool(
+                OURS_REFERENCE_WORK if ref is None else ref)),
+            same=lambda x, y, p: q.compare_rows(x, y, [len(r) for r in p]))
+
+    def _dream(self):
+        return self._qwen("dream")
+
+    def _fastdllm_v2(self):
+        return self._qwen("fastdllm_v2")
+
+
+def all_cases():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import vs_pytorch_qwen as q
+
+    out = {n: (c, "llada") for n, c in CASES.items()}
+    out.update({c.name: (c, c.family) for g in (128,) for c in q.qwen_cases(g)})
+    return out
+
+
 def main(argv=None):
+    cases = all_cases()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--llada-repo", required=True, help="checkout of github.com/ML-GSAI/LLaDA")
-    ap.add_argument("--fastdllm-repo", required=True, help="checkout of github.com/NVlabs/Fast-dLLM")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(CASES)}")
+    ap.add_argument("--llada-repo", help="checkout of github.com/ML-GSAI/LLaDA (the llada_* cases)")
+    ap.add_argument("--fastdllm-repo", help="checkout of github.com/NVlabs/Fast-dLLM (fastdllm_* and dream cases)")
+    ap.add_argument("--fastdllm-v2-model", help="folder with the hub model code of Efficient-Large-Model/"
+                                                "Fast_dLLM_v2_7B (modeling.py, configuration.py; no weights needed)")
+    ap.add_argument("--fastdllm-v2-repo", help="checkout of NVlabs/Fast-dLLM holding v2/generation_functions.py "
+                                               "(default: --fastdllm-repo)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(cases)} "
+                                                             "(default: the LLaDA ones)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (best and median reported)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -341,7 +438,8 @@ def main(argv=None):
                          "forwards ~5e-4 relative from float64; smaller is better conditioned)")
     ap.add_argument("--checkpoint", default=os.path.join(os.path.expanduser("~"), ".cache", "dllm_jax",
                                                          "vs_pytorch_llada_d512"),
-                    help="where the random checkpoint is written (reused when the seed matches)")
+                    help="where the random LLaDA checkpoint is written (reused when the seed matches); the Dream "
+                         "and v2 checkpoints go beside it")
     ap.add_argument("--retry-seeds", type=int, default=0,
                     help="when tokens or NFE differ (a float32 near-tie of a decision), try up to N further prompt "
                          "seeds and time the first that matches (the table says which seeds differed)")
@@ -361,30 +459,30 @@ def main(argv=None):
     global OURS_REFERENCE_WORK
     OURS_REFERENCE_WORK = a.reference_work
     names = [n.strip() for n in a.cases.split(",") if n.strip()]
-    bad = [n for n in names if n not in CASES]
+    bad = [n for n in names if n not in cases]
     if bad:
-        raise SystemExit(f"unknown case(s) {bad}; available: {', '.join(CASES)}")
+        raise SystemExit(f"unknown case(s) {bad}; available: {', '.join(cases)}")
     if a.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
-
-    llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig = import_official(a.llada_repo, a.fastdllm_repo)
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit("this benchmark needs torch (benchmark only): pip install torch==2.13.0 einops") from None
 
     torch.set_num_threads(a.threads)
-    tmodel = build_official_model(LLaDAModelLM, LLaDAConfig, a.checkpoint, a.weight_seed, a.qk_scale)
-    counter = CallCounter(tmodel)
-    import dllm_jax
-
-    jmodel = dllm_jax.load(a.checkpoint)
+    sides = _Sides(a)
+    for n in names:  # import every selected family's code (and fail on a missing path) before anything runs
+        sides.get(cases[n][1])
     rows = []
     for name in names:
-        c = CASES[name]
+        c, family = cases[name]
+        side = sides.get(family)
         differing_seeds = []
         for seed in range(a.prompt_seed, a.prompt_seed + 1 + a.retry_seeds):
-            prompt = prompts_for(c.batch, a.prompt_len, seed)
-            xo, nfe_o, t_o0 = run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)
-            xu, nfe_u, t_u0, comp = run_ours(c, jmodel, prompt)
-            same = compare_tokens(xo, xu, a.prompt_len)
+            prompt = side["prompt"](c, seed)
+            xo, nfe_o, t_o0 = side["official"](c, prompt)
+            xu, nfe_u, t_u0, comp = side["ours"](c, prompt)
+            same = side["same"](xo, xu, prompt)
             like = same == "yes" and nfe_o == nfe_u
             print(f"[{c.name}] prompt seed {seed}: same tokens: {same}; NFE {nfe_o}/{nfe_u}; first run "
                   f"{t_o0:.2f}s / {t_u0:.2f}s (+{comp:.1f}s compile); load {load_avg()}", flush=True)
@@ -393,18 +491,18 @@ def main(argv=None):
             differing_seeds.append(seed)
         if differing_seeds and like:  # a float32 near-tie at the other seeds (vs_pytorch_divergence.py tells)
             same = f"yes at prompt seed {seed} (differs at {', '.join(map(str, differing_seeds))})"
-        row = dict(name=c.name, label=c.label, same=same, nfe_official=nfe_o, nfe_ours=nfe_u, prompt_seed=seed,
-                   compile_s=comp, first_official_s=t_o0, first_ours_s=t_u0)
+        row = dict(name=c.name, label=c.label, family=family, same=same, nfe_official=nfe_o, nfe_ours=nfe_u,
+                   prompt_seed=seed, compile_s=comp, first_official_s=t_o0, first_ours_s=t_u0)
         if like or a.time_differing:
             to, tu, tr = [], [], []
             if a.compare_work:
-                xr, nfe_r = run_ours(c, jmodel, prompt, reference_work=True)[:2]  # compile + check
-                row["reference_work_same"] = bool(np.array_equal(xr, xu) and nfe_r == nfe_u)
+                xr, nfe_r = side["ours"](c, prompt, True)[:2]  # compile + check
+                row["reference_work_same"] = bool(side["same"](xr, xu, prompt) == "yes" and nfe_r == nfe_u)
             for _ in range(a.repeats):
-                to.append(run_official(c, (llada_gen, fast_gen), tmodel, counter, prompt)[2])
-                tu.append(run_ours(c, jmodel, prompt)[2])
+                to.append(side["official"](c, prompt)[2])
+                tu.append(side["ours"](c, prompt)[2])
                 if a.compare_work:
-                    tr.append(run_ours(c, jmodel, prompt, reference_work=True)[2])
+                    tr.append(side["ours"](c, prompt, True)[2])
             row.update(t_official=to, t_ours=tu)
             if tr:
                 row["t_ours_reference_work"] = tr

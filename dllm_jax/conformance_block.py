@@ -40,10 +40,11 @@ def preset_for(code: str):
     return max(hits, key=lambda kp: len(kp[0]))[1] if hits else None
 
 
-def run_block_case(model, case: dict):
-    """Run one golden-format case of a block-diffusion function; None when `code` names no such function."""
+def plan_block_case(model, case: dict):
+    """(preset name, model, schedule, prompt rows, layout) that reproduce one golden-format case of a block-diffusion
+    function (the model's config is replaced where the case passes another mask id); None when `code` names no
+    such function. Raises conformance.Unsupported for what no preset reproduces."""
     from dllm_jax.conformance import Unsupported
-    from dllm_jax.engine.block_runner import BlockRunError, generate_blocks
     from dllm_jax.presets import make_schedule
 
     name = preset_for(case.get("code", ""))
@@ -96,6 +97,18 @@ def run_block_case(model, case: dict):
         sched = make_schedule(name, int(gen_length), model.cfg, **kw)
     except TypeError as e:
         raise Unsupported(f"preset {name} does not take these arguments: {e}") from None
+    return name, model, sched, rows, layout
+
+
+def run_block_case(model, case: dict):
+    """Run one golden-format case of a block-diffusion function; None when `code` names no such function."""
+    from dllm_jax.conformance import Unsupported
+    from dllm_jax.engine.block_runner import BlockRunError, generate_blocks
+
+    plan = plan_block_case(model, case)
+    if plan is None:
+        return None
+    name, model, sched, rows, layout = plan
     try:
         out = generate_blocks(model, rows, schedule=sched, layout=layout)
     except BlockRunError as e:

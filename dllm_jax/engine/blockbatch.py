@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from dllm_jax.engine.acceptance import Accept
 from dllm_jax.engine.caches import Cache
 from dllm_jax.engine.context import first_true, in_range, iota_BxL
+from dllm_jax.engine.sampling import vocab_argmax
 from dllm_jax.engine.windows import Window
 from dllm_jax.programs import ProgramCache
 
@@ -185,7 +186,7 @@ class BranchBlocks(Window):
         # Dream: commits use a float32 softmax with the mask column at -1e4; the map uses the plain softmax
         ls = lg.at[..., ctx.mask_id].set(-1e4)
         ps = jax.nn.softmax(ls, axis=-1)
-        pred = jnp.argmax(ls, axis=-1).astype(jnp.int32)
+        pred = vocab_argmax(ls).astype(jnp.int32)
         conf = jnp.take_along_axis(ps, pred[..., None], axis=-1)[..., 0]
         t2v, t2i = jax.lax.top_k(p, 2)
         slot_ids = jax.vmap(lambda m, q: m[q])(st["mid"], jnp.clip(pos, 0, ctx.total_len - 1))  # [B, T, K]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from dllm_jax.engine.acceptance import Accept, Threshold
 from dllm_jax.engine.caches import Cache
 from dllm_jax.engine.context import dynamic, rank_desc, segment_argmax_mask
+from dllm_jax.engine.sampling import vocab_argmax
 
 
 def run_ids(cand_BxL):
@@ -96,7 +97,7 @@ class CreditThreshold(Threshold):
         logits = logits_BxTxV.astype(jnp.float32)
         B, T, V = logits.shape
         probs = jax.nn.softmax(logits, axis=-1)
-        top_i = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        top_i = vocab_argmax(logits).astype(jnp.int32)
         top_p = jnp.max(probs, axis=-1)
         tok = st["tok"]
         val = jnp.where(in_win_BxT[..., None], st["val"] * self.decay, st["val"])

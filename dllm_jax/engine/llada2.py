@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from dllm_jax.engine.block_diffusion import DONE, BlockWindow
 from dllm_jax.engine.context import dynamic, first_true, iota_BxL
-from dllm_jax.engine.sampling import _softmax_f32
+from dllm_jax.engine.sampling import _softmax_f32, vocab_argmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ class LLaDA2Window(BlockWindow):
 
     def aux_stats(self, st, ctx, logits_BxTxV, pos_BxT):
         # the greedy x0 and its probability at every position (what the official T2T test reads)
-        x0 = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+        x0 = vocab_argmax(logits_BxTxV).astype(jnp.int32)
         p = jnp.take_along_axis(_softmax_f32(logits_BxTxV), x0[..., None], axis=-1)[..., 0]
         return {"x0": x0, "p": p}
 

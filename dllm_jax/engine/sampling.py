@@ -38,6 +38,23 @@ class TokenSampler:
     eot_id: int = -1
 
 
+def vocab_argmax(x):
+    """jnp.argmax(x, axis=-1) (the first maximum) as a max and a min over the indices that reach it: XLA:CPU runs
+    the variadic reduce of argmax as scalar code, 2.8x slower than these two vectorised reductions over a [128, 32k]
+    block (13.3 vs 4.8 ms on one Xeon core). Same index for every finite input (NaN rows give the last index)."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    first = jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
+    return jnp.minimum(first, x.shape[-1] - 1)
+
+
+def row_dot(a, b):
+    """sum(a * b, axis=-1) as a contraction: XLA:CPU's fused multiply-reduce over the vocabulary is scalar and
+    sequential (51.8 ms and 4.8e-6 from float64 for Dream's entropy over [128, 32k]); the dot is vectorised and
+    blocked (5.3 ms, 7.5e-7). HIGHEST keeps float32 on TPUs."""
+    return jnp.einsum("...v,...v->...", a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _softmax_f32(logits):
     # torch.softmax in float32: exp(x - max) / sum(exp(x - max))
     l32 = logits.astype(jnp.float32)
@@ -78,14 +95,14 @@ def token_stats(sampler: TokenSampler, logits_BxTxV, key_B=None, step=0):
         tl = _filter_top(logits / s.temperature, s.top_p, s.top_k)
         probs = _softmax_f32(tl)
         g = jax.vmap(lambda k: jax.random.gumbel(k, tl.shape[1:], jnp.float32))(row_keys(1))
-        x0 = jnp.argmax(tl + g, axis=-1)
+        x0 = vocab_argmax(tl + g)
     else:
         if s.temperature > 0:
             # Gumbel-max with per-row keys; the reference draws float64 Gumbel noise (see docs/engine.md).
             g = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], jnp.float32))(row_keys(1))
-            x0 = jnp.argmax(logits + s.temperature * g, axis=-1)
+            x0 = vocab_argmax(logits + s.temperature * g)
         else:
-            x0 = jnp.argmax(logits, axis=-1)
+            x0 = vocab_argmax(logits)
         conf_logits = logits
         if s.eos_penalty == "confidence_eos_eot_inf_reference":
             cols = (vocab == s.eos_id) | (vocab == s.eot_id) if s.temperature == 0 else (vocab == s.eot_id)
@@ -98,7 +115,7 @@ def token_stats(sampler: TokenSampler, logits_BxTxV, key_B=None, step=0):
         top2 = jax.lax.top_k(probs, 2)[0]
         conf = top2[..., 0] - top2[..., 1]
     elif s.confidence == "neg_entropy":
-        conf = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+        conf = row_dot(probs, jnp.log(probs + 1e-10))
     elif s.confidence == "random":
         conf = jax.vmap(lambda k: jax.random.uniform(k, x0.shape[1:], jnp.float32))(row_keys(2))
     else:

@@ -44,6 +44,8 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vs_pytorch_qwen import CallCounter  # noqa: E402 (the Dream / Fast-dLLM v2 cases; torch imported lazily)
 
 # The benchmark's model (the issue's shape): LLaDA-8B architecture at d_model 512.
 MODEL_SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1376, vocab_size=32000)
@@ -173,17 +175,6 @@ def build_official_model(LLaDAModelLM, LLaDAConfig, ckpt_dir: str, seed: int, qk
             json.dump({"seed": seed, "shape": MODEL_SHAPE, "qk_scale": qk_scale}, f)
     model.load_state_dict(load_file(st), strict=True)
     return model
-
-
-class CallCounter:
-    """Counts model forwards (a forward pre-hook on the official model)."""
-
-    def __init__(self, model):
-        self.n = 0
-        model.register_forward_pre_hook(self._hook)
-
-    def _hook(self, *_):
-        self.n += 1
 
 
 def run_official(case: Case, mods, model, counter, prompt_np):
@@ -409,7 +400,6 @@ class _Sides:
 
 
 def all_cases():
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import vs_pytorch_qwen as q
 
     out = {n: (c, "llada") for n, c in CASES.items()}

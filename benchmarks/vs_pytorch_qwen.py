@@ -203,7 +203,9 @@ def build_official(family: str, mods, ckpt_dir: str, seed: int, qk_scale: float 
     return model
 
 
-class _Counter:
+class CallCounter:
+    """Counts forwards of a torch module (a forward pre-hook); used by the LLaDA cases of vs_pytorch.py too."""
+
     def __init__(self, module):
         self.n = 0
         module.register_forward_pre_hook(self._hook)
@@ -223,7 +225,7 @@ class OfficialQwen:
     def __init__(self, family, mods, model):
         self.family, self.mods, self.model = family, mods, model
         # v2's functions call self.forward(...) directly (hooks on the top module never fire): count the inner model
-        self.counter = _Counter(model if family == "dream" else model.model)
+        self.counter = CallCounter(model if family == "dream" else model.model)
 
     def run(self, case: QwenCase, prompt_rows):
         import torch

@@ -126,3 +126,18 @@ def test_unknown_head_rows_is_a_clear_error(llada_model):
     sched = make_schedule("fastdllm", GEN, llada_model.cfg, block_length=8).replace(head_rows="rows")
     with pytest.raises(ValueError, match="head_rows='rows': expected one of"):
         G.generate(llada_model, PROMPTS, gen_length=GEN, schedule=sched)
+
+
+def test_vocab_argmax_and_row_dot_match_the_plain_reductions():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dllm_jax.engine.sampling import row_dot, vocab_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, size=(3, 7, 50)).astype(np.float32)  # many ties: the first maximum must win
+    x[0, 0] = -np.inf  # a row of -inf: index 0, as argmax
+    x[1, 2, 10:] = np.inf
+    assert np.array_equal(np.asarray(vocab_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+    a, b = rng.random((2, 5, 300)).astype(np.float32), rng.random((2, 5, 300)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(row_dot(jnp.asarray(a), jnp.asarray(b))), (a * b).sum(-1), rtol=1e-5)

@@ -347,10 +347,23 @@ class _Sides:
             self.built[family] = getattr(self, "_" + family)()
         return self.built[family]
 
+    @staticmethod
+    def check_flags(a, family):
+        """The checkouts a family's cases need were given (before torch or any model is loaded)."""
+        if family == "llada" and not (a.llada_repo and a.fastdllm_repo):
+            raise SystemExit("the LLaDA cases need --llada-repo and --fastdllm-repo")
+        if family == "dream" and not a.fastdllm_repo:
+            raise SystemExit("the Dream cases need --fastdllm-repo (NVlabs/Fast-dLLM, its dream/model/)")
+        if family == "fastdllm_v2":
+            if not a.fastdllm_v2_model:
+                raise SystemExit("the Fast-dLLM v2 cases need --fastdllm-v2-model (modeling.py + configuration.py "
+                                 "of the hub repository Efficient-Large-Model/Fast_dLLM_v2_7B)")
+            if not (a.fastdllm_v2_repo or a.fastdllm_repo):
+                raise SystemExit("the Fast-dLLM v2 cases need --fastdllm-v2-repo or --fastdllm-repo "
+                                 "(v2/generation_functions.py)")
+
     def _llada(self):
         a = self.a
-        if not a.llada_repo or not a.fastdllm_repo:
-            raise SystemExit("the LLaDA cases need --llada-repo and --fastdllm-repo")
         llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig = import_official(a.llada_repo, a.fastdllm_repo)
         tmodel = build_official_model(LLaDAModelLM, LLaDAConfig, a.checkpoint, a.weight_seed, a.qk_scale)
         counter = CallCounter(tmodel)
@@ -368,17 +381,9 @@ class _Sides:
 
         a = self.a
         if family == "dream":
-            if not a.fastdllm_repo:
-                raise SystemExit("the Dream cases need --fastdllm-repo (NVlabs/Fast-dLLM, its dream/model/)")
             mods = q.import_dream(a.fastdllm_repo)
         else:
-            if not a.fastdllm_v2_model:
-                raise SystemExit("the Fast-dLLM v2 cases need --fastdllm-v2-model (modeling.py + configuration.py "
-                                 "of the hub repository Efficient-Large-Model/Fast_dLLM_v2_7B)")
-            repo = a.fastdllm_v2_repo or a.fastdllm_repo
-            if not repo:
-                raise SystemExit("the Fast-dLLM v2 batch_sample case needs --fastdllm-v2-repo or --fastdllm-repo")
-            mods = q.import_fastdllm_v2(a.fastdllm_v2_model, repo)
+            mods = q.import_fastdllm_v2(a.fastdllm_v2_model, a.fastdllm_v2_repo or a.fastdllm_repo)
         ckpt = os.path.join(os.path.dirname(os.path.abspath(a.checkpoint)), f"vs_pytorch_{family}_d512")
         tmodel = q.build_official(family, mods, ckpt, a.weight_seed, a.qk_scale)
         off = q.OfficialQwen(family, mods, tmodel)
@@ -454,6 +459,8 @@ def main(argv=None):
         raise SystemExit(f"unknown case(s) {bad}; available: {', '.join(cases)}")
     if a.repeats < 1:
         raise SystemExit("--repeats must be >= 1")
+    for fam in sorted({cases[n][1] for n in names}):
+        _Sides.check_flags(a, fam)
     try:
         import torch
     except ImportError:

@@ -81,3 +81,14 @@ def test_every_case_is_offered_by_the_script():
     assert {"llada_g128_b1", "fastdllm_dual_g128", "fastdllm_prefix_g128"} <= names
     with pytest.raises(SystemExit, match="unknown case"):
         vs.main(["--cases", "dream_nope"])
+
+
+@pytest.mark.parametrize("argv, needs", [
+    (["--cases", "dream_maskgit_g128"], "--fastdllm-repo"),
+    (["--cases", "v2_generate_g128", "--fastdllm-repo", "x"], "--fastdllm-v2-model"),
+    (["--cases", "llada_g128_b1", "--fastdllm-repo", "x"], "--llada-repo"),
+])
+def test_missing_checkout_is_named_before_anything_loads(argv, needs):
+    vs = _bench_module("vs_pytorch")
+    with pytest.raises(SystemExit, match=needs):
+        vs.main(argv)

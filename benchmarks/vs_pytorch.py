@@ -246,6 +246,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores visible, {platform.system()} {platform.release()}"
 
 
+def pin_cores(n: int) -> list[int]:
+    """Pin this process to the first n cores it may run on, before torch's or XLA's thread pools start: torch gets
+    n threads and XLA:CPU sizes its pool by the affinity, so both sides compute on the same n cores (without it, XLA
+    uses every core while torch uses n threads). Returns the cores."""
+    visible = sorted(os.sched_getaffinity(0))
+    if not 1 <= n <= len(visible):
+        raise SystemExit(f"--threads {n}: expected 1 to {len(visible)}, the cores this process may run on "
+                         f"({visible})")
+    os.sched_setaffinity(0, visible[:n])
+    return visible[:n]
+
+
 def load_avg() -> str:
     try:
         return "/".join(f"{v:.1f}" for v in os.getloadavg())
@@ -282,9 +294,11 @@ def write_table(path, rows, args, header_note):
     lines = [
         "## Latest table written by benchmarks/vs_pytorch.py", "",
         f"Machine: {machine()}; shared with other jobs (load average 1/5/15 min after each case: last "
-        f"column). torch {torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
+        f"column). Both sides pinned to the same {args.threads} core(s) {getattr(args, 'pinned', '?')}: torch "
+        f"{torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-        f"jax {jax.__version__} CPU (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}).",
+        f"jax {jax.__version__} CPU, its thread pool sized by that affinity (XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}).",
         f"Model: {_models_line(rows)}; weight seed {args.weight_seed}, q/k scale {getattr(args, 'qk_scale', 3.0)}; "
         f"prompt {args.prompt_len} random ids (seed {args.prompt_seed}) unless the case says, float32, "
         f"block length 32, temperature 0. Timed: best (min) and median of n runs per side (n in the torch column), "
@@ -424,7 +438,9 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of: {', '.join(cases)} "
                                                              "(default: the LLaDA ones)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per side (best and median reported)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU cores for each side: the process is pinned to this many cores before torch or XLA "
+                         "starts, torch runs this many threads, XLA's pool follows the affinity")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--weight-seed", type=int, default=1234)
     ap.add_argument("--prompt-seed", type=int, default=1001)
@@ -461,6 +477,7 @@ def main(argv=None):
         raise SystemExit("--repeats must be >= 1")
     for fam in sorted({cases[n][1] for n in names}):
         _Sides.check_flags(a, fam)
+    a.pinned = pin_cores(a.threads)  # before torch's and XLA's thread pools exist
     try:
         import torch
     except ImportError:

@@ -92,3 +92,20 @@ def test_missing_checkout_is_named_before_anything_loads(argv, needs):
     vs = _bench_module("vs_pytorch")
     with pytest.raises(SystemExit, match=needs):
         vs.main(argv)
+
+
+def test_both_sides_are_pinned_to_the_same_cores():
+    """--threads N pins the process to N cores before torch or XLA start (XLA:CPU sizes its pool by the affinity), so
+    the official side's N torch threads and ours share the same cores; a count beyond the visible cores is refused."""
+    vs = _bench_module("vs_pytorch")
+    before = os.sched_getaffinity(0)
+    try:
+        cores = vs.pin_cores(1)
+        assert cores == [min(before)]
+        assert os.sched_getaffinity(0) == {min(before)}
+        with pytest.raises(SystemExit, match="--threads 2: expected 1 to 1"):
+            vs.pin_cores(2)
+    finally:
+        os.sched_setaffinity(0, before)
+    with pytest.raises(SystemExit, match="--threads 0"):
+        vs.pin_cores(0)

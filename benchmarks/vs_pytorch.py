@@ -16,8 +16,11 @@ safetensors dir that `dllm_jax.load` reads: both sides run the same float32 weig
 
 Protocol per case: one untimed run of each side (ours: compile + run) whose tokens and NFE are compared; then
 `--repeats` timed runs, alternating official / ours so both see the same machine load; min and median reported.
-torch runs on CPU with `--threads` threads (default 2) and TORCHDYNAMO_DISABLE=1 (Fast-dLLM wraps SDPA in
-torch.compile; disabled, the eager kernel runs, same maths). Our time is the compiled program's wall time
+The process is pinned to `--threads` cores (default 2) before torch or XLA start: torch runs that many threads and
+XLA:CPU sizes its pool by the affinity, so both sides compute on the same cores. TORCHDYNAMO_DISABLE=1 (Fast-dLLM wraps
+SDPA in torch.compile; disabled, the eager kernel runs, same maths). `--device gpu` runs both sides on the first GPU
+in float32 at full precision (TF32 off in torch, jax_default_matmul_precision='highest'), torch synchronised before
+its timer stops. Our time is the compiled program's wall time
 (`GenerateOutput.run_time_s`, device->host copy included, compile excluded). Counting rule: NFE = model forwards
 (official: calls of the model, counted by a forward pre-hook, equal to the returned nfe where one is returned;
 ours: `GenerateOutput.nfe`, forwards per row, batched forwards counted once per row).
@@ -42,9 +45,9 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 # 1-thread torch (measured here at load ~10 on 2 cores: one d512 forward 1.8-3.0 s vs 0.38-0.56 s); passive waiting
 # removes most of that. Set before torch is imported; pass OMP_WAIT_POLICY=ACTIVE to measure the default.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import vs_pytorch_qwen  # noqa: E402 (TORCH_DEVICE, torch_sync)
 from vs_pytorch_qwen import CallCounter  # noqa: E402 (the Dream / Fast-dLLM v2 cases; torch imported lazily)
 
 # The benchmark's model (the issue's shape): LLaDA-8B architecture at d_model 512.
@@ -174,14 +177,14 @@ def build_official_model(LLaDAModelLM, LLaDAConfig, ckpt_dir: str, seed: int, qk
         with open(meta, "w") as f:
             json.dump({"seed": seed, "shape": MODEL_SHAPE, "qk_scale": qk_scale}, f)
     model.load_state_dict(load_file(st), strict=True)
-    return model
+    return model.to(vs_pytorch_qwen.TORCH_DEVICE)
 
 
 def run_official(case: Case, mods, model, counter, prompt_np):
     import torch
 
     llada_gen, fast_gen = mods
-    prompt = torch.from_numpy(prompt_np.astype(np.int64))
+    prompt = torch.from_numpy(prompt_np.astype(np.int64)).to(vs_pytorch_qwen.TORCH_DEVICE)
     counter.n = 0
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -195,10 +198,11 @@ def run_official(case: Case, mods, model, counter, prompt_np):
             x, nfe_ret = fn(model, prompt, steps=case.kw["steps"], gen_length=case.gen,
                             block_length=case.kw["block_length"], temperature=0.0, remasking="low_confidence",
                             mask_id=MASK_ID, threshold=case.kw["threshold"])
+        vs_pytorch_qwen.torch_sync()
     dt = time.perf_counter() - t0
     if nfe_ret is not None and int(nfe_ret) != counter.n:
         raise RuntimeError(f"{case.name}: official nfe {nfe_ret} != counted forwards {counter.n}")
-    return x.numpy(), counter.n, dt
+    return x.cpu().numpy(), counter.n, dt
 
 
 # ----------------------------------------------------------------------------------------------------- our side
@@ -258,6 +262,21 @@ def pin_cores(n: int) -> list[int]:
     return visible[:n]
 
 
+def use_gpu(torch):
+    """Both sides on the first GPU, float32 at full precision (TF32 would make tokens differ by round-off)."""
+    import jax
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--device gpu: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if jax.default_backend() != "gpu":
+        raise SystemExit(f"--device gpu: jax runs on {jax.default_backend()!r}, not a GPU (JAX_PLATFORMS="
+                         f"{os.environ.get('JAX_PLATFORMS')!r}; a CUDA jaxlib plugin is needed)")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    jax.config.update("jax_default_matmul_precision", "highest")
+    vs_pytorch_qwen.TORCH_DEVICE = "cuda"
+
+
 def load_avg() -> str:
     try:
         return "/".join(f"{v:.1f}" for v in os.getloadavg())
@@ -291,13 +310,17 @@ def write_table(path, rows, args, header_note):
     import jax
     import torch
 
+    gpu = getattr(args, "device", "cpu") == "gpu"
+    where = (f"GPU {torch.cuda.get_device_name(0)} (jax: {jax.devices()[0].device_kind}), float32 matmuls at full "
+             f"precision on both sides (torch allow_tf32 off, jax_default_matmul_precision='highest')" if gpu
+             else "CPU")
     lines = [
         "## Latest table written by benchmarks/vs_pytorch.py", "",
         f"Machine: {machine()}; shared with other jobs (load average 1/5/15 min after each case: last "
         f"column). Both sides pinned to the same {args.threads} core(s) {getattr(args, 'pinned', '?')}: torch "
-        f"{torch.__version__} CPU, {args.threads} threads, TORCHDYNAMO_DISABLE=1, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-        f"jax {jax.__version__} CPU, its thread pool sized by that affinity (XLA_FLAGS="
+        f"{torch.__version__} {where}, {args.threads} threads, TORCHDYNAMO_DISABLE="
+        f"{os.environ.get('TORCHDYNAMO_DISABLE')}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+        f"jax {jax.__version__} {jax.default_backend()}, its CPU thread pool sized by that affinity (XLA_FLAGS="
         f"{os.environ.get('XLA_FLAGS', '')!r}).",
         f"Model: {_models_line(rows)}; weight seed {args.weight_seed}, q/k scale {getattr(args, 'qk_scale', 3.0)}; "
         f"prompt {args.prompt_len} random ids (seed {args.prompt_seed}) unless the case says, float32, "
@@ -441,6 +464,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2,
                     help="CPU cores for each side: the process is pinned to this many cores before torch or XLA "
                          "starts, torch runs this many threads, XLA's pool follows the affinity")
+    ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                    help="where both sides run: cpu, or gpu (torch on cuda:0, jax on its first GPU; float32 at full "
+                         "precision on both: TF32 off in torch, jax_default_matmul_precision='highest')")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--weight-seed", type=int, default=1234)
     ap.add_argument("--prompt-seed", type=int, default=1001)
@@ -478,12 +504,15 @@ def main(argv=None):
     for fam in sorted({cases[n][1] for n in names}):
         _Sides.check_flags(a, fam)
     a.pinned = pin_cores(a.threads)  # before torch's and XLA's thread pools exist
+    os.environ.setdefault("JAX_PLATFORMS", "cpu" if a.device == "cpu" else "cuda")
     try:
         import torch
     except ImportError:
         raise SystemExit("this benchmark needs torch (benchmark only): pip install torch==2.13.0 einops") from None
 
     torch.set_num_threads(a.threads)
+    if a.device == "gpu":
+        use_gpu(torch)
     sides = _Sides(a)
     for n in names:  # import every selected family's code (and fail on a missing path) before anything runs
         sides.get(cases[n][1])

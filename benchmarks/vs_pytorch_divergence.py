@@ -33,8 +33,9 @@ import sys
 
 import numpy as np
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # float64 and teacher forcing on the CPU
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vs_pytorch as V  # noqa: E402  (sets TORCHDYNAMO_DISABLE / JAX_PLATFORMS / OMP_WAIT_POLICY first)
+import vs_pytorch as V  # noqa: E402  (sets TORCHDYNAMO_DISABLE / OMP_WAIT_POLICY first)
 
 
 def _softmax_conf(logits_t, x0, dtype):

@@ -203,6 +203,17 @@ def build_official(family: str, mods, ckpt_dir: str, seed: int, qk_scale: float 
     return model
 
 
+TORCH_DEVICE = "cpu"  # vs_pytorch.py --device gpu sets "cuda": both families' official models and inputs go there
+
+
+def torch_sync():
+    """Wait for the official side's queued GPU work (before its timer stops); nothing to wait for on the CPU."""
+    if TORCH_DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 class CallCounter:
     """Counts forwards of a torch module (a forward pre-hook); used by the LLaDA cases of vs_pytorch.py too."""
 
@@ -238,18 +249,20 @@ class OfficialQwen:
                 mod = self.mods[2] if case.code == DREAM_BLOCK else self.mods[1]
                 m.diffusion_generate = types.MethodType(mod.DreamGenerationMixin.diffusion_generate, m)
                 m._sample = types.MethodType(mod.DreamGenerationMixin._sample, m)
-                ids = torch.tensor(np.asarray(prompt_rows, np.int64))
+                ids = torch.tensor(np.asarray(prompt_rows, np.int64), device=TORCH_DEVICE)
                 out = m.diffusion_generate(ids, **args)
                 rows = [r.tolist() for r in out.sequences]
             elif case.code == V2_GENERATE:
-                out = m.generate(torch.tensor(np.asarray(prompt_rows, np.int64)), **args)
+                out = m.generate(torch.tensor(np.asarray(prompt_rows, np.int64), device=TORCH_DEVICE), **args)
                 rows = [r.tolist() for r in out]
             else:
                 lens = [len(r) for r in prompt_rows]
-                ids = torch.tensor([list(r) + [MASK_ID] * (max(lens) - len(r)) for r in prompt_rows])
+                ids = torch.tensor([list(r) + [MASK_ID] * (max(lens) - len(r)) for r in prompt_rows],
+                                   device=TORCH_DEVICE)
                 fn = types.MethodType(self.mods[2].Fast_dLLM_QwenForCausalLM.batch_sample, m)
-                out = fn(ids, _TokStub(), min_len=min(lens), seq_len=torch.tensor(lens), **args)
+                out = fn(ids, _TokStub(), min_len=min(lens), seq_len=torch.tensor(lens, device=TORCH_DEVICE), **args)
                 rows = [out[i].tolist() for i in range(len(prompt_rows))]
+            torch_sync()
         return rows, self.counter.n, time.perf_counter() - t0
 
 

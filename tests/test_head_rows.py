@@ -141,3 +141,37 @@ def test_vocab_argmax_and_row_dot_match_the_plain_reductions():
     assert np.array_equal(np.asarray(vocab_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
     a, b = rng.random((2, 5, 300)).astype(np.float32), rng.random((2, 5, 300)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(row_dot(jnp.asarray(a), jnp.asarray(b))), (a * b).sum(-1), rtol=1e-5)
+
+
+# Block diffusion (Fast-dLLM v2, SDAR): every read is a candidate of the current sub-block (or the next block's first
+# position), so the head runs on the sub-block's rows (+1 for v2's shifted logits) of each block forward
+BLOCK_CASES = [
+    ("fastdllm_v2_tiny", "fastdllm_v2", dict(small_block_size=8), [[11, 23, 5, 77, 100, 3, 42, 9] * 5], "left"),
+    ("fastdllm_v2_tiny", "fastdllm_v2", dict(small_block_size=4, use_block_cache=True),
+     [[11, 23, 5, 77, 100, 3, 42, 9] * 5], "left"),
+    ("fastdllm_v2_tiny", "fastdllm_v2_batch", dict(small_block_size=8), [[11, 23, 5] * 12, [7, 8, 9, 10] * 7],
+     "right_masked"),
+    ("sdar_tiny", "sdar", dict(block_length=8), [[11, 23, 5, 77, 100, 3, 42, 9, 6, 5]], "left"),
+]
+
+
+@pytest.mark.parametrize("ckpt,preset,kw,prompts,layout", BLOCK_CASES,
+                         ids=[f"{c[1]}-{i}" for i, c in enumerate(BLOCK_CASES)])
+def test_block_diffusion_head_on_the_sub_block_equals_all(fixtures, ckpt, preset, kw, prompts, layout):
+    import dllm_jax
+    from dllm_jax.engine.block_runner import generate_blocks
+    from dllm_jax.engine.context import Ctx
+
+    model = dllm_jax.load(str(fixtures / ckpt))
+    sched = make_schedule(preset, 48, model.cfg, **kw)
+    win = sched.window
+    ctx = Ctx(batch=1, prompt_len=40, gen_length=48, mask_id=model.cfg.mask_token_id, eos_id=model.cfg.eos_token_id,
+              pad_id=model.cfg.pad_token_id)
+    span = head_span(sched, ctx, {"s": jnp.zeros((1,), jnp.int32)})
+    assert span is not None and span[1] == win._sbs(), (preset, span)
+    if win.sub_block and win.sub_block < win.block_size:  # v2: narrower than the block forward (SDAR: the block)
+        assert span[1] < win.max_width(ctx)
+    fast = generate_blocks(model, prompts, schedule=sched, layout=layout)
+    ref = generate_blocks(model, prompts, schedule=sched.replace(head_rows="all"), layout=layout)
+    assert [s.tolist() for s in fast.sequences] == [s.tolist() for s in ref.sequences]
+    assert fast.nfe == ref.nfe and fast.nfe > 3

@@ -101,6 +101,12 @@ class BlockWindow(Window):
     # forward and make none: prefill=False)
     prefill: bool = True
 
+    # Every read of x0/conf is a candidate in [s, e) of the forward it serves: the current sub-block (DENOISE / SUB),
+    # the next block's first position (COMPLETE "ar", the prompt-aligned PREFILL), nothing otherwise; e - s <= the
+    # sub-block. resolve() reads only the canvas. So the LM head runs on the sub-block's rows (+1 for shifted
+    # logits) instead of the whole block or canvas (loop.head_span); head_rows="all" restores the official work.
+    reads_within_max_width = True
+
     # -- helpers -------------------------------------------------------------------------------------------------
     def _bl(self):
         return int(self.block_size)
@@ -110,6 +116,9 @@ class BlockWindow(Window):
 
     def max_width(self, ctx):
         return self._bl() + (1 if self.complete == "ar" else 0)
+
+    def head_read_width(self, ctx):
+        return self._sbs()
 
     def validate(self, ctx):
         bl, sbs = self._bl(), self._sbs()

@@ -38,6 +38,8 @@ class LLaDA2Window(BlockWindow):
     editing_threshold: float = dynamic(0.9)
     max_post_steps: int = dynamic(16)
     prefill: bool = False  # no prefill forward (the official code recomputes the prompt); True with cache="block"
+    # its candidates and the editing reads span the whole block: the LM head stays on every computed row
+    reads_within_max_width = False
 
     # the attention of the official forwards: "soft01" = LLaDA2.1's 0/1 block pattern added as a bias (its keys
     # limited to the window end by NoBlockCache), "hard" = block-causal (the keys of every query end at its block end)

@@ -93,7 +93,7 @@ def head_span(sched: Schedule, ctx: Ctx, wst):
     window; random draws (temperature, random confidence) are shaped by the rows computed, so they keep all rows."""
     if not _span_applies(sched):
         return None
-    return wst["s"], sched.window.max_width(ctx)
+    return wst["s"], sched.window.head_read_width(ctx)
 
 
 def _span_applies(sched: Schedule) -> bool:
@@ -150,7 +150,7 @@ def head_width(sched: Schedule, cfg: ModelConfig, ctx: Ctx, T: int) -> int:
     (`head_masked`) this is an upper bound: the rows computed follow the data (at most this many)."""
     if not _span_applies(sched):
         return T
-    return min(T, sched.window.max_width(ctx) + (1 if cfg.logit_shift else 0))
+    return min(T, sched.window.head_read_width(ctx) + (1 if cfg.logit_shift else 0))
 
 
 def _span_rows(cfg: ModelConfig, span, lo, T):

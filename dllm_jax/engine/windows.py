@@ -28,6 +28,11 @@ class Window:
     def max_width(self, ctx: Ctx) -> int:
         raise NotImplementedError
 
+    def head_read_width(self, ctx: Ctx) -> int:
+        """Width of the span [s, s + width) that holds every x0/conf read of a forward (with
+        `reads_within_max_width`); a policy whose reads are narrower than its widest forward says so here."""
+        return self.max_width(ctx)
+
     def init(self, ctx: Ctx, x_BxL) -> dict:
         raise NotImplementedError
 

@@ -21,7 +21,8 @@ PROMPTS = [[11, 23, 5, 77, 100, 3, 42, 9], [7, 8, 9, 10, 12]]
 GEN = 32
 
 # (fixture, preset, kwargs, masked rows only?): AdaBlock's resolve reads predicted delimiters at filled positions,
-# dInfer's credit rule processes every computed row's logits, Dream reads row p - 1 for position p: window rows there
+# dInfer's credit rule processes every computed row's logits: window rows there; Dream's shifted rows (position p
+# reads row p - 1, a slice's first position its own row) are picked by the positions they serve
 CASES = [
     ("llada_model", "llada", dict(steps=32, block_length=8), True),
     ("llada_model", "fastdllm", dict(block_length=8, threshold=0.5), True),
@@ -30,9 +31,9 @@ CASES = [
     ("llada_model", "entropy_elastic", dict(), True),
     ("llada_model", "adablock", dict(), False),
     ("llada_model", "dinfer_credit", dict(), False),
-    ("dream_model", "dream", dict(steps=32), False),
-    ("dream_model", "fastdllm_dream_prefix", dict(block_length=8, threshold=0.5), False),
-    ("dream_model", "fastdllm_dream_dual", dict(block_length=8, threshold=0.5), False),
+    ("dream_model", "dream", dict(steps=32), True),
+    ("dream_model", "fastdllm_dream_prefix", dict(block_length=8, threshold=0.5), True),
+    ("dream_model", "fastdllm_dream_dual", dict(block_length=8, threshold=0.5), True),
 ]
 
 

@@ -107,11 +107,26 @@ def head_masked(sched: Schedule, cfg: ModelConfig) -> bool:
     """True when the LM head runs only on the still-masked rows of the head span (`Schedule.head_rows="masked"`).
     Exact by construction where, on top of `head_span`'s conditions, nothing reads x0/conf at a filled position: the
     acceptance rules read candidates (masked) only and the loop keeps the token of a filled position; the window
-    declares `resolve_reads_masked_only`; no logit-processing rule (it sees every computed row), no classifier-free
-    guidance (it mixes two heads' logits), and no shifted logits (Dream: position p reads row p - 1)."""
+    declares `resolve_reads_masked_only`; no logit-processing rule (it sees every computed row), and no classifier-free
+    guidance (it mixes two heads' logits). Shifted logits (Dream: position p reads row p - 1, the first position of a
+    reference slice its own row) are handled by `_rows_read_at_masks`."""
     return (sched.head_rows == "masked" and _span_applies(sched)
             and getattr(sched.window, "resolve_reads_masked_only", False)
-            and not getattr(sched.accept, "wants_logits", False) and sched.cfg_scale == 0 and not cfg.logit_shift)
+            and not getattr(sched.accept, "wants_logits", False) and sched.cfg_scale == 0)
+
+
+def _rows_read_at_masks(cfg: ModelConfig, ctx: Ctx, rows, w0, slice_start):
+    """[B, T] bool: the rows (canvas positions w0 + j of tokens `rows` [B, T]) whose logits a masked position reads.
+    Unshifted: the masked rows. Shifted logits: position q reads its own row where q <= slice_start (the first
+    position of a reference slice; 0 for a full forward) and row q - 1 after it, so row j is read by position j
+    (own, masked) or by position j + 1 (masked, after slice_start); the row after the last is never read (the head
+    span ends one row past the last position it covers)."""
+    masked = rows == ctx.mask_id
+    if not cfg.logit_shift:
+        return masked
+    q = w0[:, None] + jnp.arange(rows.shape[1], dtype=jnp.int32)[None]
+    nxt = jnp.concatenate([masked[:, 1:], jnp.zeros_like(masked[:, :1])], axis=1)
+    return (masked & (q <= slice_start[:, None])) | (nxt & (q + 1 > slice_start[:, None]))
 
 
 def masked_head_widths(Wh: int) -> tuple:
@@ -120,13 +135,13 @@ def masked_head_widths(Wh: int) -> tuple:
     return tuple(sorted({max(1, -(-Wh // d)) for d in (8, 4, 2, 1)}))
 
 
-def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, rows):
+def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, rows, need=None):
     """x0, conf [B, Wh] from hidden states h [B, Wh, D] of rows with tokens `rows` [B, Wh]: the head runs on the K
     first rows of each batch row with the masked rows first (K = the smallest of `masked_head_widths` that holds the
     largest masked count); a row not computed keeps its token with confidence -inf. Rows computed beyond the masked
     ones (a row with fewer masks) get their real statistics: nothing reads them."""
     B, Wh = rows.shape
-    masked = rows == ctx.mask_id
+    masked = rows == ctx.mask_id if need is None else need  # need: the rows read (`_rows_read_at_masks`)
     order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked rows first, in position order
     widths = masked_head_widths(Wh)
     need = jnp.max(jnp.sum(masked, axis=1))
@@ -217,7 +232,8 @@ def _row_stats(sched: Schedule, cfg: ModelConfig, ctx: Ctx, wst, pst, logits, ro
     if a is not None:
         rows_all, rows, w0 = rows, row_slice(rows, a, Wh), w0 + a
     if head_masked(sched, cfg):
-        x0, conf = _masked_head_stats(params, cfg, sched, ctx, logits, rows)
+        x0, conf = _masked_head_stats(params, cfg, sched, ctx, logits, rows,
+                                      _rows_read_at_masks(cfg, ctx, rows, w0, slice_start))
         aux = {}
     else:
         logits, pst = _process_logits(sched, ctx, pst, logits, rows, w0, wst)

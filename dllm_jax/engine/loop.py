@@ -135,13 +135,14 @@ def masked_head_widths(Wh: int) -> tuple:
     return tuple(sorted({max(1, -(-Wh // d)) for d in (8, 4, 2, 1)}))
 
 
-def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, rows, need=None):
+def _masked_head_stats(params, cfg: ModelConfig, sched: Schedule, ctx: Ctx, h, rows, read=None):
     """x0, conf [B, Wh] from hidden states h [B, Wh, D] of rows with tokens `rows` [B, Wh]: the head runs on the K
     first rows of each batch row with the masked rows first (K = the smallest of `masked_head_widths` that holds the
     largest masked count); a row not computed keeps its token with confidence -inf. Rows computed beyond the masked
-    ones (a row with fewer masks) get their real statistics: nothing reads them."""
+    ones (a row with fewer masks) get their real statistics: nothing reads them. `read` [B, Wh] replaces "masked"
+    by the rows the masked positions read (shifted logits, `_rows_read_at_masks`)."""
     B, Wh = rows.shape
-    masked = rows == ctx.mask_id if need is None else need  # need: the rows read (`_rows_read_at_masks`)
+    masked = rows == ctx.mask_id if read is None else read  # read: the rows read (`_rows_read_at_masks`)
     order = jnp.argsort(~masked, axis=1, stable=True).astype(jnp.int32)  # masked rows first, in position order
     widths = masked_head_widths(Wh)
     need = jnp.max(jnp.sum(masked, axis=1))

@@ -109,3 +109,31 @@ def test_both_sides_are_pinned_to_the_same_cores():
         os.sched_setaffinity(0, before)
     with pytest.raises(SystemExit, match="--threads 0"):
         vs.pin_cores(0)
+
+
+def test_pack_official_copies_what_the_benchmark_imports_or_names_what_is_missing(tmp_path):
+    """benchmarks/pack_official.sh: the official files vs_pytorch.py imports, packed into one folder for the device
+    call; a missing file is named and nothing is left behind."""
+    import subprocess
+
+    files = ["LLaDA/generate.py", "Fast-dLLM/llada/generate.py", "Fast-dLLM/llada/model/modeling_llada.py",
+             "Fast-dLLM/dream/model/generation_utils_block.py", "Fast-dLLM/dream/model/modeling_dream.py",
+             "v2model/modeling.py", "v2model/configuration.py", "v2repo/v2/generation_functions.py"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text(f"# {f}\n")
+    script = os.path.join(BENCH, "pack_official.sh")
+    args = [str(tmp_path / d) for d in ("LLaDA", "Fast-dLLM", "v2model", "v2repo")]
+    dest = tmp_path / "packed"
+    r = subprocess.run(["bash", script, *args, str(dest)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = sorted(str(p.relative_to(dest)) for p in dest.rglob("*.py"))
+    assert got == ["Fast-dLLM-v2/v2/generation_functions.py", "Fast-dLLM/dream/model/generation_utils_block.py",
+                   "Fast-dLLM/dream/model/modeling_dream.py", "Fast-dLLM/llada/generate.py",
+                   "Fast-dLLM/llada/model/modeling_llada.py", "Fast_dLLM_v2_7B/configuration.py",
+                   "Fast_dLLM_v2_7B/modeling.py", "LLaDA/generate.py"]
+    (tmp_path / "v2model/configuration.py").unlink()
+    dest2 = tmp_path / "packed2"
+    r = subprocess.run(["bash", script, *args, str(dest2)], capture_output=True, text=True)
+    assert r.returncode == 2 and "configuration.py not found" in r.stderr
+    assert not dest2.exists() and not list(tmp_path.glob("packed2*"))

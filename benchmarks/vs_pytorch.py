@@ -47,8 +47,7 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import vs_pytorch_qwen  # noqa: E402 (TORCH_DEVICE, torch_sync)
-from vs_pytorch_qwen import CallCounter  # noqa: E402 (the Dream / Fast-dLLM v2 cases; torch imported lazily)
+import vs_pytorch_qwen  # noqa: E402 (Dream / Fast-dLLM v2 cases, CallCounter, TORCH_DEVICE; torch lazily)
 
 # The benchmark's model (the shape): LLaDA-8B architecture at d_model 512.
 MODEL_SHAPE = dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, mlp_hidden_size=1376, vocab_size=32000)
@@ -403,7 +402,7 @@ class _Sides:
         a = self.a
         llada_gen, fast_gen, LLaDAModelLM, LLaDAConfig = import_official(a.llada_repo, a.fastdllm_repo)
         tmodel = build_official_model(LLaDAModelLM, LLaDAConfig, a.checkpoint, a.weight_seed, a.qk_scale)
-        counter = CallCounter(tmodel)
+        counter = vs_pytorch_qwen.CallCounter(tmodel)
         import dllm_jax
 
         jmodel = dllm_jax.load(a.checkpoint)

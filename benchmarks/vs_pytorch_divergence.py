@@ -63,7 +63,7 @@ class Forcer:
         self.records = []
         self.margins = {"threshold": [], "rank0_gap": []}
         tmodel.register_forward_hook(self._hook, with_kwargs=True)
-        self.counter = V.CallCounter(tmodel)
+        self.counter = V.vs_pytorch_qwen.CallCounter(tmodel)
 
     def _ours(self, ids, past, rp, use_cache):
         jnp, T = self.jnp, self.T

@@ -297,8 +297,7 @@ def _models_line(rows) -> str:
                    f"MLP {s['mlp_hidden_size']}, vocab {s['vocab_size']})")
     for fam, what in (("dream", "Dream"), ("fastdllm_v2", "Fast-dLLM v2 (Qwen2.5)")):
         if fam in fams:
-            from vs_pytorch_qwen import QWEN_SHAPE as q
-
+            q = vs_pytorch_qwen.QWEN_SHAPE
             out.append(f"random-weight {what} (hidden {q['hidden_size']}, {q['num_hidden_layers']} layers, "
                        f"{q['num_attention_heads']} heads / {q['num_key_value_heads']} KV heads, MLP "
                        f"{q['intermediate_size']}, vocab {q['vocab_size']}, q/k/v biases)")
@@ -413,9 +412,7 @@ class _Sides:
             same=lambda x, y, p: compare_tokens(x, y, a.prompt_len))
 
     def _qwen(self, family):
-        import vs_pytorch_qwen as q
-
-        a = self.a
+        q, a = vs_pytorch_qwen, self.a
         if family == "dream":
             mods = q.import_dream(a.fastdllm_repo)
         else:
@@ -441,10 +438,8 @@ class _Sides:
 
 
 def all_cases():
-    import vs_pytorch_qwen as q
-
     out = {n: (c, "llada") for n, c in CASES.items()}
-    out.update({c.name: (c, c.family) for g in (128,) for c in q.qwen_cases(g)})
+    out.update({c.name: (c, c.family) for g in (128,) for c in vs_pytorch_qwen.qwen_cases(g)})
     return out
 
 
